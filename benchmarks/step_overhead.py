@@ -1,0 +1,87 @@
+"""How much does kdcli add to a distillation step?  Prints ratios measured in one process.
+
+For cifar_resnet56 → cifar_resnet20 (batch 64, 32×32, 100 classes) it times a kdcli `kd` training
+step (Session.train_step: student forward, teacher forward under inference_mode, loss terms,
+backward, SGD step) against a plain PyTorch step that does the same work by hand: a teacher forward
+under no_grad plus a student cross-entropy step. Rounds alternate between the two so that machine
+noise hits both alike; the ratio of the medians is printed. Target: ≤ 1.10.
+
+    python benchmarks/step_overhead.py [--rounds 15] [--steps 5] [--teacher cifar_resnet56] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import timm
+import torch
+from torch.nn import functional as F
+
+from kdcli.config import RunConfig
+from kdcli.engine import loop
+
+
+def plain_step_fn(teacher, student, opt):
+    def step(x, y):
+        with torch.no_grad():
+            teacher(x)
+        loss = F.cross_entropy(student(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def timed(fn, x, y, steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn(x, y)
+    return (time.perf_counter() - t0) / steps
+
+
+def measure(teacher: str, student: str, method: str, batch: int, size: int, classes: int,
+            rounds: int, steps: int, method_args: dict[str, str] | None = None) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as out:
+        cfg = RunConfig(command="distill", teacher=teacher, student=student, method=method,
+                        method_args=method_args or {}, dataset=f"synthetic:{size}:{classes}:{batch * 2}",
+                        batch_size=batch, out=out)
+        sess = loop.build(cfg)
+    t_net = timm.create_model(teacher, num_classes=classes).eval()
+    s_net = timm.create_model(student, num_classes=classes).train()
+    opt = torch.optim.SGD(s_net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    plain = plain_step_fn(t_net, s_net, opt)
+    sess.student.train()
+    x, y = torch.rand(batch, 3, size, size), torch.randint(0, classes, (batch,))
+    for fn in (plain, sess.train_step):  # warm-up
+        timed(fn, x, y, 2)
+    kd_times, plain_times = [], []
+    for _ in range(rounds):
+        plain_times.append(timed(plain, x, y, steps))
+        kd_times.append(timed(sess.train_step, x, y, steps))
+    return statistics.median(kd_times), statistics.median(plain_times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default="cifar_resnet56")
+    p.add_argument("--student", default="cifar_resnet20")
+    p.add_argument("--method", default="kd")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--steps", type=int, default=5)
+    a = p.parse_args()
+    torch.manual_seed(0)
+    kd, plain = measure(a.teacher, a.student, a.method, a.batch, a.size, a.classes, a.rounds, a.steps)
+    print(f"{a.teacher} -> {a.student}, batch {a.batch}, {a.size}x{a.size}, {torch.get_num_threads()} threads")
+    print(f"plain CE step + teacher forward: {1000 * plain:.1f} ms")
+    print(f"kdcli {a.method} step:  {1000 * kd:.1f} ms")
+    print(f"ratio: {kd / plain:.3f}  (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The command line: parse, validate, hand over to the package. No training logic lives here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdcli import __version__
+from kdcli.config import default, make_config
+from kdcli.errors import KdcliError
+
+app = typer.Typer(
+    name="kdcli",
+    help="Distill any image classifier into another (knowledge distillation as a command-line tool).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+# ----------------------------------------------------------------------------- shared options
+Dataset = Annotated[str | None, typer.Option(
+    help="digits | synthetic[:SIZE[:CLASSES[:COUNT]]] | a local folder or parquet file | a Hugging Face hub id")]
+Out = Annotated[Path | None, typer.Option(help="run folder: model.safetensors, report.json, resume/")]
+Epochs = Annotated[int, typer.Option(help="training epochs")]
+BatchSize = Annotated[int, typer.Option(help="batch size per process")]
+Lr = Annotated[float, typer.Option(help="initial learning rate (SGD)")]
+WeightDecay = Annotated[float, typer.Option(help="weight decay")]
+Momentum = Annotated[float, typer.Option(help="SGD momentum")]
+Schedule = Annotated[str, typer.Option(help="cosine | step (×0.1 at 62.5%, 75%, 87.5% of the epochs)")]
+Seed = Annotated[int, typer.Option(help="random seed (weights, order, augmentation)")]
+Precision = Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (mixed precision through Accelerate)")]
+ImageSize = Annotated[int | None, typer.Option(help="resize images to this square size [default: native]")]
+Streaming = Annotated[bool, typer.Option(help="stream the training split (datasets.IterableDataset)")]
+ShuffleBuffer = Annotated[int, typer.Option(help="shuffle buffer when streaming")]
+Augment = Annotated[str, typer.Option(help="auto | crop-flip | crop | none")]
+Workers = Annotated[int | None, typer.Option(help="data-loading processes [default: 0 for built-ins, else 8]")]
+ImageColumn = Annotated[str | None, typer.Option(help="image column [default: detected]")]
+LabelColumn = Annotated[str | None, typer.Option(help="label column [default: detected]")]
+TrainSplit = Annotated[str | None, typer.Option(help="training split [default: train]")]
+EvalSplit = Annotated[str | None, typer.Option(help="evaluation split [default: test/validation/valid]")]
+Resume = Annotated[Path | None, typer.Option(
+    help="continue the interrupted run in this folder (its own options are used)")]
+Overwrite = Annotated[bool, typer.Option(help="replace a finished or interrupted run in --out")]
+StopAfter = Annotated[int | None, typer.Option(
+    help="stop after this epoch, leaving a run that --resume continues")]
+
+
+def _run(values: dict, resume: Path | None, overwrite: bool, required: tuple[str, ...],
+         stop_after_epoch: int | None) -> None:
+    from kdcli.engine import loop
+
+    if resume is not None:
+        cfg = loop.resumed_config(resume)
+        console.print(f"resuming the run in {resume} with its own options")
+    else:
+        missing = [f"--{k.replace('_', '-')}" for k in required if values.get(k) is None]
+        if missing:
+            raise KdcliError(f"missing option {', '.join(missing)} (or pass --resume DIR)")
+        cfg = make_config(**{k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()})
+    if stop_after_epoch is not None and stop_after_epoch < 1:
+        raise KdcliError("invalid --stop-after-epoch: must be at least 1")
+    report = loop.run(cfg, overwrite=overwrite, resume=resume is not None, console=console,
+                      stop_after_epoch=stop_after_epoch)
+    if report is None:  # stopped early on purpose (--stop-after-epoch), or not the main process
+        if stop_after_epoch is not None and not (Path(cfg.out) / "report.json").exists():
+            console.print(f"stopped as asked; continue with: kdcli {cfg.command} --resume {cfg.out}")
+        return
+    m = report.metrics
+    console.print(f"[bold]done[/bold]: top-1 {100 * m.final.top1:.2f}% (best {100 * m.best.top1:.2f}% at epoch "
+                  f"{m.best.epoch}); wrote {cfg.out}/model.safetensors and {cfg.out}/report.json")
+
+
+@app.command()
+def train(
+    model: Annotated[str | None, typer.Option(help="timm model name, cifar_* name, or kdcli checkpoint")] = None,
+    model_weights: Annotated[str | None, typer.Option(
+        help="weights (.safetensors, or .pth/.bin read with weights_only) for a named architecture")] = None,
+    dataset: Dataset = None,
+    out: Out = None,
+    epochs: Epochs = default("epochs"),
+    batch_size: BatchSize = default("batch_size"),
+    lr: Lr = default("lr"),
+    weight_decay: WeightDecay = default("weight_decay"),
+    momentum: Momentum = default("momentum"),
+    schedule: Schedule = default("schedule"),
+    seed: Seed = default("seed"),
+    precision: Precision = default("precision"),
+    image_size: ImageSize = None,
+    streaming: Streaming = False,
+    shuffle_buffer: ShuffleBuffer = default("shuffle_buffer"),
+    augment: Augment = default("augment"),
+    workers: Workers = None,
+    image_column: ImageColumn = None,
+    label_column: LabelColumn = None,
+    train_split: TrainSplit = None,
+    eval_split: EvalSplit = None,
+    resume: Resume = None,
+    overwrite: Overwrite = False,
+    stop_after_epoch: StopAfter = None,
+) -> None:
+    """Standard training (the study's baseline): cross-entropy on the labels, no teacher."""
+    values = dict(locals())
+    for k in ("resume", "overwrite", "model", "model_weights", "stop_after_epoch"):
+        values.pop(k)
+    values.update(command="train", student=model, student_weights=model_weights, method="ce")
+    _run(values, resume, overwrite, ("student", "dataset", "out"), stop_after_epoch)
+
+
+@app.command()
+def distill(
+    teacher: Annotated[str | None, typer.Option(help="timm model name, cifar_* name, or kdcli checkpoint")] = None,
+    teacher_weights: Annotated[str | None, typer.Option(
+        help="weights (.safetensors, or .pth/.bin read with weights_only) for a named teacher architecture")] = None,
+    student: Annotated[str | None, typer.Option(help="timm model name, cifar_* name, or kdcli checkpoint")] = None,
+    student_weights: Annotated[str | None, typer.Option(help="initial weights for a named student")] = None,
+    method: Annotated[str, typer.Option(help="distillation method (see `kdcli methods`)")] = "kd",
+    method_arg: Annotated[list[str] | None, typer.Option(
+        help="method argument KEY=VALUE (repeatable), e.g. T=2")] = None,
+    dataset: Dataset = None,
+    out: Out = None,
+    epochs: Epochs = default("epochs"),
+    batch_size: BatchSize = default("batch_size"),
+    lr: Lr = default("lr"),
+    weight_decay: WeightDecay = default("weight_decay"),
+    momentum: Momentum = default("momentum"),
+    schedule: Schedule = default("schedule"),
+    seed: Seed = default("seed"),
+    precision: Precision = default("precision"),
+    image_size: ImageSize = None,
+    streaming: Streaming = False,
+    shuffle_buffer: ShuffleBuffer = default("shuffle_buffer"),
+    augment: Augment = default("augment"),
+    workers: Workers = None,
+    image_column: ImageColumn = None,
+    label_column: LabelColumn = None,
+    train_split: TrainSplit = None,
+    eval_split: EvalSplit = None,
+    resume: Resume = None,
+    overwrite: Overwrite = False,
+    stop_after_epoch: StopAfter = None,
+) -> None:
+    """Distill a teacher into a student with a method from `kdcli methods`."""
+    values = dict(locals())
+    for k in ("resume", "overwrite", "method_arg", "stop_after_epoch"):
+        values.pop(k)
+    values.update(command="distill", method_args=_key_values(method_arg or []))
+    _run(values, resume, overwrite, ("teacher", "student", "dataset", "out"), stop_after_epoch)
+
+
+def _key_values(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise KdcliError(f"--method-arg {item!r} is not KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[str, typer.Argument(help="a kdcli checkpoint (model.safetensors)")],
+    dataset: Annotated[str, typer.Option(help="dataset to evaluate on (as for train)")],
+    split: Annotated[str | None, typer.Option(help="split [default: test/validation/valid]")] = None,
+    teacher: Annotated[str | None, typer.Option(help="compare with this teacher (agreement, KL)")] = None,
+    teacher_weights: Annotated[str | None, typer.Option(help="weights for a named teacher")] = None,
+    batch_size: Annotated[int, typer.Option(help="batch size", min=1)] = 128,
+    image_column: ImageColumn = None,
+    label_column: LabelColumn = None,
+    precision: Precision = "fp32",
+    workers: Workers = None,
+    out: Annotated[Path | None, typer.Option(help="write the metrics as JSON to this file")] = None,
+) -> None:
+    """Evaluate a checkpoint: top-1, top-5, NLL, ECE, per-class top-1, agreement with a teacher."""
+    from kdcli.engine import loop
+    from kdcli.models.checkpoint import write_text_atomic
+
+    if out is not None and out.is_dir():
+        raise KdcliError(f"--out {out} is a folder; give a file name such as {out}/eval.json")
+    result = loop.evaluate_checkpoint(checkpoint, dataset, split=split, teacher=teacher,
+                                      teacher_weights=teacher_weights, batch_size=batch_size,
+                                      image_column=image_column, label_column=label_column,
+                                      precision=precision, workers=workers)
+    m = result.metrics.final
+    table = Table(title=f"{checkpoint} on {dataset} [{result.data.eval_split}]")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("examples", str(m.num_examples))
+    table.add_row("top-1", f"{100 * m.top1:.2f}%")
+    if m.top5 is not None:
+        table.add_row("top-5", f"{100 * m.top5:.2f}%")
+    table.add_row("NLL", f"{m.nll:.4f}")
+    table.add_row("ECE (15 bins)", f"{m.ece:.4f}")
+    if m.teacher_agreement is not None:
+        table.add_row("agreement with teacher", f"{100 * m.teacher_agreement:.2f}%")
+        table.add_row("KL(teacher ‖ model)", f"{m.teacher_kl:.4f}")
+    console.print(table)
+    if out is not None:
+        write_text_atomic(out, result.model_dump_json(indent=2))
+        console.print(f"wrote {out}")
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the registered methods: name, family, what it mimics, default arguments."""
+    from kdcli import methods
+
+    table = Table(title="kdcli methods")
+    for col in ("name", "family", "mimics", "needs", "defaults"):
+        table.add_column(col)
+    for name in methods.available():
+        cls = methods.get(name)
+        defaults = " ".join(f"{k}={v}" for k, v in cls.defaults().items())
+        table.add_row(name, cls.family, cls.mimics, ",".join(sorted(cls.needs)), defaults)
+    console.print(table)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"kdcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks (accepted anywhere on the line)")] = False,
+) -> None:
+    """kdcli: train, distill and evaluate image classifiers; see README.md."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        app(args=argv, prog_name="kdcli")
+    except KdcliError as e:
+        if debug:
+            raise
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,504 @@
+"""``open_data``: one ``--dataset`` string -> a :class:`DataBundle` the engine trains and evaluates on.
+
+Every item is ``{"image": float32 (C, S, S) in [0, 1], "label": int, "index": int}``, where ``index`` is the
+example's row in its split (the same streamed or map-style, on any number of processes), so that label
+corruption can be a pure function of (seed, index, label).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcli.data.source import resolve, short_reason
+from kdcli.data.transforms import ImageTransform, channels_for_mode, check_augment
+from kdcli.errors import KdcliError
+
+EVAL_SPLIT_NAMES = ("test", "validation", "valid", "val")
+IMAGE_COLUMN_NAMES = ("img", "image")
+LABEL_COLUMN_NAMES = ("label", "fine_label", "labels")
+HOLDOUT_SPLIT = "train[holdout]"
+HOLDOUT_FRACTION = 0.1
+INDEX_COLUMN = "index"
+STREAM_SHARDS = 64  # shards for streaming map-backed data: divisible by any power-of-two world size
+
+
+class ImageClassificationDataset(torch.utils.data.Dataset):
+    """A torch map-style view of one split: ``{"image", "label", "index"}`` items, transformed per example."""
+
+    def __init__(self, split, image_column: str, label_column: str, transform: ImageTransform):
+        self.split = split  # datasets.Dataset with (at least) the image and label columns
+        self.image_column = image_column
+        self.label_column = label_column
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if index < 0:
+            index += len(self.split)
+        row = self.split[index]
+        return {
+            "image": self.transform(row[self.image_column]),
+            "label": int(row[self.label_column]),
+            "index": index,
+        }
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A batch of items (torch's DataLoader uses this when present): one Arrow read for the batch."""
+        n = len(self.split)
+        indices = [int(i) + n if int(i) < 0 else int(i) for i in indices]
+        rows = self.split[indices]
+        return [
+            {"image": self.transform(image), "label": int(label), "index": index}
+            for image, label, index in zip(rows[self.image_column], rows[self.label_column], indices, strict=True)
+        ]
+
+
+class _StreamExample:
+    """Picklable ``IterableDataset.map`` function: a raw example -> ``{"image", "label", "index"}``."""
+
+    def __init__(self, image_column: str, label_column: str, transform: ImageTransform):
+        self.image_column = image_column
+        self.label_column = label_column
+        self.transform = transform
+
+    def __call__(self, example: dict) -> dict[str, Any]:
+        return {
+            "image": self.transform(example[self.image_column]),
+            "label": int(example[self.label_column]),
+            "index": int(example[INDEX_COLUMN]),
+        }
+
+
+def _enumerate_rows(source):
+    """Generator for ``from_generator``: the rows of a stream in order, each with its row index."""
+    for i, row in enumerate(source):
+        row = dict(row)
+        row[INDEX_COLUMN] = i
+        yield row
+
+
+def _rows_in_ranges(split, ranges, chunk: int = 256):
+    """Generator for ``from_generator``: rows ``start..stop`` of a map-style split, each with its row index.
+
+    ``ranges`` is a list of ``(start, stop)``: ``from_generator`` turns it into shards (one range each).
+    """
+    for start, stop in ranges:
+        for low in range(start, stop, chunk):
+            high = min(low + chunk, stop)
+            batch = split[low:high]
+            for j in range(high - low):
+                row = {name: values[j] for name, values in batch.items()}
+                row[INDEX_COLUMN] = low + j
+                yield row
+
+
+def _with_index_features(features, image_column: str):
+    import datasets
+
+    out = features.copy()
+    out[image_column] = datasets.Image()  # decoded downstream, after shuffling
+    out[INDEX_COLUMN] = datasets.Value("int64")
+    return out
+
+
+@dataclass
+class DataBundle:
+    """An opened dataset: what it is, and how to get torch datasets of its training and evaluation splits."""
+
+    name: str
+    source: str
+    num_classes: int
+    class_names: list[str]
+    in_chans: int
+    image_size: int
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    image_column: str
+    label_column: str
+    train_split: str
+    eval_split: str
+    streaming: bool
+    num_train: int | None
+    num_eval: int
+    augment: str = "none"  # resolved training augmentation: "crop-flip" | "crop" | "none"
+    seed: int = 0
+    shuffle_buffer: int = 10_000
+    _train: Any = field(default=None, repr=False, compare=False)  # datasets.Dataset or indexed IterableDataset
+    _eval: Any = field(default=None, repr=False, compare=False)  # datasets.Dataset
+    _stream_base: Any = field(default=None, repr=False, compare=False)
+    _iterables: list = field(default_factory=list, repr=False, compare=False)
+
+    def _transform(self, train: bool) -> ImageTransform:
+        return ImageTransform(self.in_chans, self.image_size, self.augment, train=train)
+
+    def _indexed_stream(self):
+        """The training split as an unshuffled ``datasets.IterableDataset`` with an ``index`` column."""
+        if self._stream_base is None:
+            import datasets
+
+            if isinstance(self._train, datasets.Dataset):  # built-in or save_to_disk data, streamed
+                # Shards are row ranges read by a generator, rather than Dataset.to_iterable_dataset over a
+                # table with an added index column: pickling those shards (DataLoader workers under spawn)
+                # copies the whole in-memory table or column once per shard.
+                split = self._train.cast_column(self.image_column, datasets.Image(decode=False))
+                shards = min(STREAM_SHARDS, len(split))
+                edges = [len(split) * k // shards for k in range(shards + 1)]
+                self._stream_base = datasets.IterableDataset.from_generator(
+                    _rows_in_ranges,
+                    features=_with_index_features(split.features, self.image_column),
+                    gen_kwargs={"split": split, "ranges": [(edges[k], edges[k + 1]) for k in range(shards)]},
+                )
+            else:
+                self._stream_base = self._train
+        return self._stream_base
+
+    def train_dataset(self, rank: int = 0, world_size: int = 1, train: bool = True):
+        """The training split: augmented when ``train``, else plain (for diagnostics).
+
+        Map-style (not streaming): a torch ``Dataset`` over the whole split; ``rank``/``world_size`` are
+        ignored (the caller shards, e.g. with accelerate). Streaming: a ``datasets.IterableDataset`` (a
+        torch ``IterableDataset``) whose rows carry their original index, shuffled with a buffer and
+        ``seed`` when ``train`` (reseeded by :meth:`set_epoch`), and split by node when ``world_size > 1``.
+        """
+        if not self.streaming:
+            return ImageClassificationDataset(self._train, self.image_column, self.label_column, self._transform(train))
+        from datasets.distributed import split_dataset_by_node
+
+        stream = self._indexed_stream()
+        if train:
+            stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        if world_size > 1:
+            stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        outputs = ("image", "label", INDEX_COLUMN)
+        stream = stream.map(
+            _StreamExample(self.image_column, self.label_column, self._transform(train)),
+            remove_columns=[c for c in (self.image_column, self.label_column) if c not in outputs] or None,
+        )
+        if train:
+            self._iterables.append(stream)
+        return stream
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the streaming shuffle of the training datasets handed out so far; no-op for map-style."""
+        for stream in self._iterables:
+            stream.set_epoch(epoch)
+
+    def eval_dataset(self) -> ImageClassificationDataset:
+        """The evaluation split: map-style, known length, no augmentation."""
+        return ImageClassificationDataset(self._eval, self.image_column, self.label_column, self._transform(False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# open_data and its helpers
+
+
+def open_data(
+    spec: str,
+    *,
+    image_size: int | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    train_split: str | None = None,
+    eval_split: str | None = None,
+    streaming: bool = False,
+    augment: str = "auto",
+    seed: int = 0,
+    shuffle_buffer: int = 10_000,
+) -> DataBundle:
+    """Open ``spec`` (a built-in name, a local path or a hub id) and describe it as a :class:`DataBundle`."""
+    check_augment(augment)
+    if image_size is not None and image_size < 1:
+        raise KdcliError(f"image size must be a positive number of pixels, got {image_size}: fix --image-size")
+    if shuffle_buffer < 1:
+        raise KdcliError(f"shuffle buffer must be at least 1, got {shuffle_buffer}: fix --shuffle-buffer")
+
+    raw = resolve(spec, streaming=streaming)
+    splits = raw.splits
+    available = list(splits.keys())
+    train_name, eval_name = _pick_splits(spec, available, train_split, eval_split)
+    train = splits[train_name]
+
+    columns = _column_names(train)
+    features = train.features
+    image_col = _image_column(spec, columns, features, image_column)
+    label_col = _label_column(spec, columns, features, label_column, exclude=image_col)
+    keep = [image_col, label_col]
+
+    if raw.streamed:
+        if eval_name is None:
+            raise KdcliError(
+                f"dataset {spec!r} has no evaluation split (splits: {', '.join(available)}) and a streamed "
+                "dataset cannot hold one out: pass --eval-split NAME, or drop --streaming"
+            )
+        train = _image_typed(spec, train.select_columns(keep), image_col)
+        eval_ = _materialize(spec, _image_typed(spec, splits[eval_name].select_columns(keep), image_col))
+        num_train = _stream_num_examples(splits[train_name], train_name)
+    else:
+        train = _image_typed(spec, train.select_columns(keep), image_col)
+        if eval_name is None:
+            train, eval_ = _holdout(spec, train, train_name)
+            eval_name = HOLDOUT_SPLIT
+        else:
+            eval_ = _image_typed(spec, splits[eval_name].select_columns(keep), image_col)
+        num_train = len(train)
+        if len(eval_) == 0:
+            raise KdcliError(f"the {eval_name!r} split of dataset {spec!r} is empty: pass another --eval-split")
+
+    train, eval_, class_names = _labels(spec, train, eval_, label_col, train_name, eval_name)
+    first = _first_image(spec, train, image_col, train_name)
+    in_chans = channels_for_mode(first.mode)
+    if image_size is None:
+        image_size = min(first.size)
+    if augment == "auto":
+        augment = raw.default_augment
+
+    if raw.streamed:
+        import datasets
+
+        # one shard read in order, so that the row index is the position in the split (shards of a hub
+        # or parquet stream have no known offsets); shuffling and node splitting come after
+        stream = train.decode(False)
+        train = datasets.IterableDataset.from_generator(
+            _enumerate_rows,
+            features=_with_index_features(stream.features, image_col),
+            gen_kwargs={"source": stream},
+        )
+
+    return DataBundle(
+        name=spec,
+        source=raw.kind,
+        num_classes=len(class_names),
+        class_names=class_names,
+        in_chans=in_chans,
+        image_size=int(image_size),
+        mean=raw.mean,
+        std=raw.std,
+        image_column=image_col,
+        label_column=label_col,
+        train_split=train_name,
+        eval_split=eval_name,
+        streaming=streaming,
+        num_train=num_train,
+        num_eval=len(eval_),
+        augment=augment,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        _train=train,
+        _eval=eval_,
+    )
+
+
+def _column_names(split) -> list[str]:
+    names = split.column_names
+    if names is None:  # a stream whose features are not known up front
+        names = list(split.features.keys()) if split.features else []
+    return list(names)
+
+
+def _pick_splits(
+    spec: str, available: list[str], train_split: str | None, eval_split: str | None
+) -> tuple[str, str | None]:
+    listed = ", ".join(available) or "none"
+    if train_split is None:
+        if "train" in available:
+            train_split = "train"
+        elif len(available) == 1:
+            train_split = available[0]
+        else:
+            raise KdcliError(f"dataset {spec!r} has no 'train' split (splits: {listed}): pass --train-split NAME")
+    elif train_split not in available:
+        raise KdcliError(f"dataset {spec!r} has no split {train_split!r} (splits: {listed}): fix --train-split")
+    if eval_split is None:
+        eval_split = next((s for s in EVAL_SPLIT_NAMES if s in available and s != train_split), None)
+    elif eval_split not in available:
+        raise KdcliError(f"dataset {spec!r} has no split {eval_split!r} (splits: {listed}): fix --eval-split")
+    return train_split, eval_split
+
+
+def _image_column(spec: str, columns: list[str], features, override: str | None) -> str:
+    import datasets
+
+    listed = ", ".join(columns) or "none"
+    if override is not None:
+        if override not in columns:
+            raise KdcliError(f"dataset {spec!r} has no column {override!r} (columns: {listed}): fix --image-column")
+        return _check_not_index(override, "--image-column")
+    typed = [c for c in columns if features is not None and isinstance(features.get(c), datasets.Image)]
+    for name in IMAGE_COLUMN_NAMES:
+        if name in typed:
+            return name
+    if typed:
+        return _check_not_index(typed[0], "--image-column")
+    for name in IMAGE_COLUMN_NAMES:
+        if name in columns:
+            return name
+    raise KdcliError(
+        f"dataset {spec!r} has no image column (none of type Image, none named img/image; columns: {listed}): "
+        "pass --image-column NAME"
+    )
+
+
+def _label_column(spec: str, columns: list[str], features, override: str | None, exclude: str) -> str:
+    import datasets
+
+    listed = ", ".join(columns) or "none"
+    if override is not None:
+        if override not in columns:
+            raise KdcliError(f"dataset {spec!r} has no column {override!r} (columns: {listed}): fix --label-column")
+        if override == exclude:
+            raise KdcliError(f"column {override!r} cannot be both the image and the label: fix --label-column")
+        return _check_not_index(override, "--label-column")
+    for name in LABEL_COLUMN_NAMES:
+        if name in columns and name != exclude:
+            return name
+    for name in columns:
+        if name != exclude and features is not None and isinstance(features.get(name), datasets.ClassLabel):
+            return _check_not_index(name, "--label-column")
+    raise KdcliError(
+        f"dataset {spec!r} has no label column (none named label/fine_label/labels, none of type ClassLabel; "
+        f"columns: {listed}): pass --label-column NAME"
+    )
+
+
+def _check_not_index(column: str, option: str) -> str:
+    if column == INDEX_COLUMN:
+        raise KdcliError(
+            f"column name {INDEX_COLUMN!r} is reserved by kdcli for row indices: rename the column or fix {option}"
+        )
+    return column
+
+
+def _image_typed(spec: str, split, image_col: str):
+    """``split`` with ``image_col`` typed as ``datasets.Image`` (casting bytes/paths columns if needed)."""
+    import datasets
+
+    feature = split.features.get(image_col) if split.features is not None else None
+    if isinstance(feature, datasets.Image):
+        return split if feature.decode else split.cast_column(image_col, datasets.Image())
+    try:
+        return split.cast_column(image_col, datasets.Image())
+    except Exception as exc:  # not image data at all
+        raise KdcliError(
+            f"column {image_col!r} of dataset {spec!r} does not hold images ({feature}): pass --image-column NAME"
+        ) from exc
+
+
+def _holdout(spec: str, train, train_name: str):
+    """A deterministic 10% holdout of the training split, used for evaluation when there is no eval split."""
+    if len(train) < 2:
+        raise KdcliError(
+            f"dataset {spec!r} has no evaluation split and its {train_name!r} split is too small to hold "
+            "10% out: pass --eval-split NAME"
+        )
+    # the same rows as train.train_test_split(test_size=0.1, seed=0), but with the index mappings kept in
+    # memory: train_test_split would write them next to the data (e.g. into a user's save_to_disk folder)
+    permutation = np.random.default_rng(0).permutation(len(train))
+    n_eval = math.ceil(HOLDOUT_FRACTION * len(train))
+    return (
+        train.select(permutation[n_eval:], keep_in_memory=True),
+        train.select(permutation[:n_eval], keep_in_memory=True),
+    )
+
+
+def _materialize(spec: str, stream):
+    """A streamed split as an in-memory map-style ``datasets.Dataset`` (image bytes or paths, not decoded)."""
+    import datasets
+
+    features = stream.features
+    raw = stream.decode(False)
+    rows = list(raw)
+    if not rows:
+        raise KdcliError(f"the evaluation split of dataset {spec!r} is empty: pass another --eval-split")
+    columns = {name: [row[name] for row in rows] for name in rows[0]}
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def _stream_num_examples(stream, split: str) -> int | None:
+    info = getattr(stream, "info", None)
+    splits = getattr(info, "splits", None)
+    if splits and split in splits and splits[split].num_examples:
+        return int(splits[split].num_examples)
+    return None
+
+
+def _label_array(split, label_col: str) -> np.ndarray:
+    return np.asarray(split.select_columns([label_col]).with_format("numpy")[:][label_col])
+
+
+def _labels(spec: str, train, eval_, label_col: str, train_name: str, eval_name: str):
+    """Class names, label columns made integer (class names are encoded), and labels checked."""
+    import datasets
+
+    streamed = isinstance(train, datasets.IterableDataset)
+    feature = train.features.get(label_col) if train.features is not None else None
+    kind = getattr(feature, "dtype", None)
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    elif isinstance(feature, datasets.Value) and kind in ("string", "large_string"):
+        if streamed:
+            raise KdcliError(
+                f"label column {label_col!r} of dataset {spec!r} holds class names, which a streamed dataset "
+                "cannot encode up front: drop --streaming, or use a dataset with integer or ClassLabel labels"
+            )
+        names = sorted({str(v) for v in _label_array(train, label_col)})
+        try:
+            train = train.cast_column(label_col, datasets.ClassLabel(names=names))
+            eval_ = eval_.cast_column(label_col, datasets.ClassLabel(names=names))
+        except Exception as exc:
+            raise KdcliError(
+                f"the {eval_name!r} split of dataset {spec!r} has class names that {train_name!r} does not: "
+                "pick matching splits with --train-split / --eval-split"
+            ) from exc
+    elif isinstance(feature, datasets.Value) and kind is not None and kind.startswith(("int", "uint")):
+        names = None
+    else:
+        raise KdcliError(
+            f"label column {label_col!r} of dataset {spec!r} has type {feature}; expected integer class ids, "
+            "ClassLabel or class-name strings: pass another --label-column"
+        )
+
+    checked = [(eval_name, _label_array(eval_, label_col))]
+    if not streamed:
+        checked.insert(0, (train_name, _label_array(train, label_col)))
+    if names is None:
+        top = max(int(labels.max()) for _, labels in checked if len(labels))
+        names = [str(i) for i in range(top + 1)]
+    for split_name, labels in checked:
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+            raise KdcliError(
+                f"the {split_name!r} split of dataset {spec!r} has labels outside 0..{len(names) - 1} "
+                f"(min {labels.min()}, max {labels.max()}; -1 usually means unlabelled): pick another split"
+            )
+    return train, eval_, names
+
+
+def _first_image(spec: str, train, image_col: str, train_name: str):
+    import datasets
+
+    try:
+        if isinstance(train, datasets.IterableDataset):
+            example = next(iter(train.select_columns([image_col])), None)
+        else:
+            example = train[0] if len(train) else None
+    except Exception as exc:  # e.g. strings that are not image paths, bytes that are not images
+        raise KdcliError(
+            f"could not read an image from column {image_col!r} of dataset {spec!r} ({short_reason(exc)}): "
+            "pass the right --image-column"
+        ) from exc
+    if example is None:
+        raise KdcliError(f"the {train_name!r} split of dataset {spec!r} is empty: pass another --train-split")
+    image = example[image_col]
+    if not hasattr(image, "mode"):
+        raise KdcliError(f"column {image_col!r} of dataset {spec!r} does not hold images: pass --image-column")
+    return image
+
+
+__all__ = ["DataBundle", "ImageClassificationDataset", "open_data"]

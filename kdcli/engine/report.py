@@ -1,0 +1,135 @@
+"""The run report: one typed model, written as ``report.json`` at the end of every finished run."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from kdcli import __version__
+
+SCHEMA_VERSION = 1
+
+
+class Metrics(BaseModel):
+    num_examples: int
+    top1: float
+    top5: float | None = Field(None, description="null when there are fewer than 6 classes")
+    nll: float
+    ece: float = Field(description="expected calibration error, 15 equal-width bins, L1")
+    per_class_top1: dict[str, float | None] = Field(description="class name → top-1; null if absent")
+    teacher_agreement: float | None = Field(None, description="fraction with the teacher's argmax")
+    teacher_kl: float | None = Field(None, description="KL(teacher ‖ model) at T=1, batch mean")
+
+
+class Best(BaseModel):
+    epoch: int
+    top1: float
+
+
+class MetricsBlock(BaseModel):
+    final: Metrics
+    best: Best | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(description="architecture (timm name)")
+    source: str = Field(description="timm | hf-hub | weights | checkpoint")
+    path: str | None = None
+    params: int
+    sha256: str | None = Field(None, description="of the weights file, when there is one")
+
+
+class MethodInfo(BaseModel):
+    name: str
+    family: str
+    args: dict[str, Any]
+
+
+class DataInfo(BaseModel):
+    dataset: str
+    source: str
+    train_split: str
+    eval_split: str
+    num_classes: int
+    class_names: list[str]
+    num_train: int | None
+    num_eval: int
+    image_size: int
+    in_chans: int
+    streaming: bool
+    corruption: dict[str, Any] | None = None
+
+
+class Environment(BaseModel):
+    python: str
+    torch: str
+    timm: str
+    platform: str
+    device: str
+    world_size: int
+    precision: str
+
+
+class EpochRecord(BaseModel):
+    epoch: int
+    lr: float
+    loss: float
+    terms: dict[str, float]
+    eval_top1: float
+    images: int = Field(description="training images seen, all processes")
+    seconds: float = Field(description="training and evaluation")
+    images_per_s: float
+
+
+class Timing(BaseModel):
+    total_seconds: float
+    train_images_per_s: float
+
+
+class Report(BaseModel):
+    """Everything one train/distill run did, enough to repeat it (``config``) and judge it."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kdcli_version: str = __version__
+    command: Literal["train", "distill"]
+    created: str
+    config: dict[str, Any]
+    environment: Environment
+    data: DataInfo
+    teacher: ModelInfo | None
+    student: ModelInfo
+    method: MethodInfo
+    metrics: MetricsBlock
+    history: list[EpochRecord]
+    timing: Timing
+
+
+class EvalReport(BaseModel):
+    """What ``kdcli evaluate --out`` writes: the same ``metrics`` block with its own header."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kdcli_version: str = __version__
+    command: Literal["evaluate"] = "evaluate"
+    created: str
+    checkpoint: ModelInfo
+    teacher: ModelInfo | None
+    data: DataInfo
+    environment: Environment
+    metrics: MetricsBlock
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def environment(device: str, world_size: int, precision: str) -> Environment:
+    import timm
+    import torch
+
+    return Environment(python=sys.version.split()[0], torch=torch.__version__, timm=timm.__version__,
+                       platform=platform.platform(), device=device, world_size=world_size,
+                       precision=precision)

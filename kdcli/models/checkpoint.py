@@ -1,0 +1,99 @@
+"""kdcli's checkpoint format: a safetensors file whose metadata describes the model.
+
+The weights are the timm network's own ``state_dict`` (so plain timm can load them too); the
+metadata (str→str, as safetensors requires) holds one JSON value under the key ``kdcli``.
+Files are written atomically: a temporary file in the same folder, then a rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from kdcli import __version__
+from kdcli.errors import KdcliError
+
+META_KEY = "kdcli"
+
+
+class ModelMeta(BaseModel):
+    """What a checkpoint says about itself: enough to rebuild and feed the model."""
+
+    format: Literal["kdcli-model"] = "kdcli-model"
+    format_version: int = 1
+    architecture: str
+    num_classes: int
+    in_chans: int
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    class_names: list[str]
+    trained: dict[str, Any] = {}
+    kdcli_version: str = __version__
+
+
+def atomic_path(path: Path):
+    """A temporary path beside ``path``; rename it onto ``path`` once complete."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(path: Path, net: nn.Module, meta: ModelMeta) -> None:
+    """Write ``net``'s weights and ``meta`` to ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        save_model(net, str(tmp), metadata={META_KEY: meta.model_dump_json()})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_meta(path: Path, option: str = "--model") -> ModelMeta:
+    """The description stored in a kdcli checkpoint, or one clear error."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise KdcliError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+                         f"for other formats pass {option} ARCH {option}-weights FILE") from None
+    if raw is None:
+        raise KdcliError(f"{path} is a safetensors file but not a kdcli checkpoint (no architecture "
+                         f"recorded); pass {option} ARCH {option}-weights {path}") from None
+    try:
+        return ModelMeta.model_validate(json.loads(raw))
+    except (ValidationError, json.JSONDecodeError) as e:
+        raise KdcliError(f"{path}: unreadable kdcli metadata ({str(e).splitlines()[0]})") from None
+
+
+def load_into(net: nn.Module, path: Path) -> None:
+    """Load a safetensors file's weights into ``net`` (strict)."""
+    try:
+        load_model(net, str(path), strict=True)
+    except (RuntimeError, SafetensorError) as e:
+        raise KdcliError(f"weights in {path} do not fit the architecture: {str(e).splitlines()[0][:300]}") from None
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
