@@ -122,7 +122,11 @@ def distill(
     student_weights: Annotated[str | None, typer.Option(help="initial weights for a named student")] = None,
     method: Annotated[str, typer.Option(help="distillation method (see `kdcli methods`)")] = "kd",
     method_arg: Annotated[list[str] | None, typer.Option(
-        help="method argument KEY=VALUE (repeatable), e.g. T=2")] = None,
+        help="method argument KEY=VALUE (repeatable), e.g. T=2; namespaced when composed: at.beta=500")] = None,
+    student_stages: Annotated[str | None, typer.Option(
+        help="student feature stages for feature methods, e.g. 1,2,3 [default: the last 3]")] = None,
+    teacher_stages: Annotated[str | None, typer.Option(
+        help="teacher feature stages, as many as the student's [default: the last 3]")] = None,
     dataset: Dataset = None,
     out: Out = None,
     epochs: Epochs = default("epochs"),
@@ -146,12 +150,23 @@ def distill(
     overwrite: Overwrite = False,
     stop_after_epoch: StopAfter = None,
 ) -> None:
-    """Distill a teacher into a student with a method from `kdcli methods`."""
+    """Distill a teacher into a student with a method from `kdcli methods` (or several: kd+at)."""
     values = dict(locals())
     for k in ("resume", "overwrite", "method_arg", "stop_after_epoch"):
         values.pop(k)
-    values.update(command="distill", method_args=_key_values(method_arg or []))
+    values.update(command="distill", method_args=_key_values(method_arg or []),
+                  student_stages=_int_list(student_stages, "--student-stages"),
+                  teacher_stages=_int_list(teacher_stages, "--teacher-stages"))
     _run(values, resume, overwrite, ("teacher", "student", "dataset", "out"), stop_after_epoch)
+
+
+def _int_list(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise KdcliError(f"{option} {text!r} is not a comma-separated list of stage indices, e.g. 1,2,3") from None
 
 
 def _key_values(items: list[str]) -> dict[str, str]:
@@ -212,13 +227,14 @@ def list_methods() -> None:
     """List the registered methods: name, family, what it mimics, default arguments."""
     from kdcli import methods
 
-    table = Table(title="kdcli methods")
-    for col in ("name", "family", "mimics", "needs", "defaults"):
+    table = Table(title="kdcli methods (compose with +, e.g. kd+at; set arguments with --method-arg KEY=VALUE)")
+    for col in ("name", "family", "mimics", "needs", "stages", "defaults"):
         table.add_column(col)
     for name in methods.available():
         cls = methods.get(name)
         defaults = " ".join(f"{k}={v}" for k, v in cls.defaults().items())
-        table.add_row(name, cls.family, cls.mimics, ",".join(sorted(cls.needs)), defaults)
+        stages = cls.stages_note or ("online: the teacher trains too" if cls.online else "")
+        table.add_row(name, cls.family, cls.mimics, ",".join(sorted(cls.needs)), stages, defaults)
     console.print(table)
 
 

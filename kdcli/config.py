@@ -25,6 +25,8 @@ class RunConfig(BaseModel):
     # method
     method: str = "ce"
     method_args: dict[str, str] = Field(default_factory=dict)
+    student_stages: list[int] | None = None  # feature_info indices; None = the last 3, matched by order
+    teacher_stages: list[int] | None = None
     # data
     dataset: str
     image_column: str | None = None

@@ -43,9 +43,27 @@ def _make(name, **kwargs):
     return timm.create_model(name, **kwargs).eval()
 
 
+VITS = ["cifar_vit_micro_p4", "cifar_vit_tiny_p4"]
+
+
 def test_all_names_registered():
-    assert sorted(timm.list_models("cifar_*")) == sorted(NAMES)
-    assert all(timm.is_model(name) for name in NAMES)
+    assert sorted(timm.list_models("cifar_*")) == sorted(NAMES + VITS)
+    assert all(timm.is_model(name) for name in NAMES + VITS)
+
+
+@pytest.mark.parametrize("name", VITS)
+def test_cifar_vits_are_timm_vits_with_4x4_patches(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10)
+    x = torch.rand(2, 3, 32, 32)
+    assert model(x).shape == (2, 10)
+    final, maps = model.forward_intermediates(x, indices=2, output_fmt="NCHW")
+    assert [tuple(m.shape[2:]) for m in maps] == [(8, 8), (8, 8)]  # 32/4 tokens a side, as NCHW maps
+    assert timm.data.resolve_data_config({}, model=model)["input_size"] == (3, 32, 32)
+    gray = timm.create_model(name, num_classes=10, in_chans=1)
+    assert gray(torch.rand(2, 1, 8, 8)).shape == (2, 10)  # dynamic size: digits-sized input works
+    with pytest.raises(ValueError):
+        timm.create_model(name, pretrained=True)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -137,7 +137,7 @@ def foreign_files(tmp_path_factory):
     (["train", "--model", "resnet_nope18", "--dataset", "digits"], "unknown model 'resnet_nope18'"),
     (["train", "--model", "cifar_resnet2", "--dataset", "digits"], "did you mean: .*cifar_resnet20"),
     (["distill", "--teacher", "cifar_resnet8", "--student", "cifar_resnet8", "--method", "nope",
-      "--dataset", "digits"], "unknown method 'nope'; available methods: ce, kd"),
+      "--dataset", "digits"], "unknown method 'nope'; available methods: .*ce.*kd"),
     (["train", "--model", "cifar_resnet8", "--dataset", "./no/such/folder"], "does not exist"),
     (["train", "--model", "cifar_resnet8", "--dataset", "someone/not-a-dataset"], "offline"),
     (["train", "--model", "cifar_resnet8", "--dataset", "digits", "--epochs", "0"], "invalid --epochs"),

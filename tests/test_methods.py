@@ -73,3 +73,31 @@ def test_kd_gradient_flows_to_student_only():
 def test_method_args_are_validated(args, match):
     with pytest.raises(KdcliError, match=match):
         methods.build("kd", args)
+
+
+def test_composition_sums_terms_and_keeps_one_ce():
+    s, t, y = _logits()
+    combo = methods.build("kd+ce", {"kd.T": "2", "ce.label_smoothing": "0.1"})
+    assert combo.name == "kd+ce" and combo.family == "logits+baseline"
+    terms = combo(Outputs(logits=s), Outputs(logits=t), y)
+    alone = methods.build("kd", {"T": "2"})(Outputs(logits=s), Outputs(logits=t), y)
+    assert set(terms) == {"ce", "kd"}
+    assert torch.equal(terms["ce"], alone["ce"])  # the first part's CE (weight 0.1), not ce's own
+    assert torch.equal(terms["kd"], alone["kd"])
+    spec = methods.spec("kd+ce", {"kd.T": "2"})
+    assert spec.resolved_args() == {"kd": {"T": 2.0, "ce_weight": 0.1, "kd_weight": 0.9},
+                                    "ce": {"label_smoothing": 0.0}}
+    assert spec.uses_teacher and spec.needs == frozenset({"logits"})
+
+
+@pytest.mark.parametrize("name, args, match", [
+    ("kd+ce", {"T": "2"}, "name the method too, e.g. ce.T=VALUE"),
+    ("kd+ce", {"at.beta": "2"}, "name the method too"),
+    ("kd+ce", {"kd.tau": "2"}, "method 'kd' has no argument 'tau'"),
+    ("kd+kd", {}, "distinct names"),
+    ("kd+", {}, "distinct names"),
+    ("kd+nope", {}, "unknown method 'nope'"),
+])
+def test_composition_arguments_are_namespaced_and_validated(name, args, match):
+    with pytest.raises(KdcliError, match=match):
+        methods.spec(name, args)

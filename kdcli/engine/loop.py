@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -31,6 +31,7 @@ from kdcli.errors import KdcliError
 from kdcli.models import checkpoint as ckpt
 
 MODEL_FILE = "model.safetensors"
+PEER_FILE = "peer.safetensors"
 REPORT_FILE = "report.json"
 RESUME_DIR = "resume"
 # The step schedule of the field's CIFAR recipe (RepDistiller: ×0.1 at epochs 150, 180, 210 of 240).
@@ -107,11 +108,15 @@ def _no_accelerator() -> bool:
     return not (acc.is_available() if acc is not None else torch.cuda.is_available())
 
 
-def make_accelerator(precision: str, seed: int) -> Accelerator:
+def make_accelerator(precision: str, seed: int, find_unused_parameters: bool = False) -> Accelerator:
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     try:
-        # cpu=True on a machine without an accelerator lets several launched processes use gloo
+        # cpu=True on a machine without an accelerator lets several launched processes use gloo.
+        # Feature methods leave some parameters without gradient in one stage (the upper student layers
+        # during a hint warm-up, connectors after it), which DDP must be told about.
         return Accelerator(mixed_precision=mixed, cpu=_no_accelerator(),
+                           kwargs_handlers=[DistributedDataParallelKwargs(
+                               find_unused_parameters=find_unused_parameters)],
                            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
     except ValueError as e:
         raise KdcliError(f"--precision {precision} is not available here: {str(e).splitlines()[0]}") from None
@@ -133,6 +138,8 @@ class Session:
     student_info: models.Loaded
     teacher_info: models.Loaded | None
     needs: frozenset[str]
+    online: bool = False  # the teacher trains too (DML): it is a peer, not a fixed teacher
+    warmup_epochs: int = 0  # epochs of the method's warm-up stage, run before cfg.epochs
     teacher_eval_logits: list[torch.Tensor] = field(default_factory=list)
 
     @property
@@ -142,17 +149,26 @@ class Session:
     def unwrapped_student(self) -> models.Classifier:
         return self.accelerator.unwrap_model(self.student)
 
+    def unwrapped_teacher(self) -> models.Classifier | None:
+        return None if self.teacher is None else self.accelerator.unwrap_model(self.teacher)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.warmup_epochs + self.cfg.epochs
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimisation step; returns the detached loss terms."""
         with self.accelerator.autocast():
             t = None
-            if self.teacher is not None and self.method.uses_teacher:
+            if self.online:
+                t = self.teacher(images, self.needs)  # a peer: it learns from its own terms
+            elif self.teacher is not None and self.method.uses_teacher:
                 # teacher first: its activations are freed before the student's graph is built
                 with torch.inference_mode():
                     t = self.teacher(images, self.needs)
                 t = t.map(torch.Tensor.clone)  # inference tensors cannot take part in autograd
             s = self.student(images, self.needs)
-            terms = self.method(s, t, labels)
+            terms = self.method(s, t, labels, images=images)  # warm-up or main terms: see use_warmup
         loss = sum(terms.values())
         if not torch.isfinite(loss):
             bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "loss")
@@ -163,23 +179,28 @@ class Session:
         return {k: v.detach() for k, v in terms.items()}
 
     @torch.no_grad()
-    def evaluate(self) -> rep.Metrics:
-        student = self.student
-        student.eval()
-        ev = Evaluator(self.data.num_classes, self.data.class_names, with_teacher=self.teacher is not None)
-        cache = self.teacher_eval_logits
+    def evaluate(self, peer: bool = False) -> rep.Metrics:
+        """Metrics of the student (or, with ``peer``, of an online teacher against the student)."""
+        model, other = (self.teacher, self.student) if peer else (self.student, self.teacher)
+        modes = [(m, m.training) for m in (self.student, self.teacher) if m is not None]
+        for m, _ in modes:
+            m.eval()
+        ev = Evaluator(self.data.num_classes, self.data.class_names, with_teacher=other is not None)
+        # a fixed teacher on fixed eval data gives the same logits every epoch: compute them once
+        cache = self.teacher_eval_logits if not (self.online or peer) else []
         for i, batch in enumerate(self.eval_loader):
             images, labels = batch["image"].to(self.device), batch["label"].to(self.device)
             with self.accelerator.autocast():
-                logits = student(images).logits
-                t_logits = None
-                if self.teacher is not None:
-                    if i >= len(cache):  # the teacher is frozen and eval data fixed: compute once
-                        cache.append(self.accelerator.gather_for_metrics(self.teacher(images).logits).cpu())
-                    t_logits = cache[i]
+                logits = model(images).logits
+                other_logits = None
+                if other is not None:
+                    if i >= len(cache):
+                        cache.append(self.accelerator.gather_for_metrics(other(images).logits).cpu())
+                    other_logits = cache[i]
             logits, labels = self.accelerator.gather_for_metrics((logits, labels))
-            ev.update(logits, labels, t_logits)
-        student.train()
+            ev.update(logits, labels, other_logits)
+        for m, training in modes:
+            m.train(training)
         return ev.compute()
 
 
@@ -191,10 +212,9 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
         # process many times slower (measured: ~15% of a step); flushing them to zero changes nothing else.
         torch.set_flush_denormal(True)
     set_seed(cfg.seed)
-    method_cls = methods.get(cfg.method)
-    if method_cls.uses_teacher and not cfg.teacher:
-        raise KdcliError(f"method {cfg.method!r} needs a teacher: pass --teacher")
-    method_args = methods.parse_args(method_cls, cfg.method_args)
+    mspec = methods.spec(cfg.method, cfg.method_args)
+    if mspec.uses_teacher and not cfg.teacher:
+        raise KdcliError(f"method {cfg.method!r} needs a teacher (a peer, for online methods): pass --teacher")
     data = open_run_data(cfg)
     facts = data_facts(data)
     student_info = models.load(cfg.student, facts, weights=cfg.student_weights,
@@ -202,14 +222,23 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     teacher_info = None
     if cfg.teacher:
         teacher_info = models.load(cfg.teacher, facts, weights=cfg.teacher_weights, option="--teacher")
-    needs = method_cls.needs
+    needs, online = mspec.needs, mspec.online
     student = student_info.model
     teacher = teacher_info.model if teacher_info else None
+    if teacher is not None and needs & {"features", "preact"}:
+        models.match_stages(student, teacher, cfg.student_stages, cfg.teacher_stages)
     s_shapes = student.shapes(needs, data.image_size)
     t_shapes = teacher.shapes(needs, data.image_size) if teacher is not None else None
-    method = method_cls(method_args, s_shapes, t_shapes)
+    try:
+        method = mspec.build(s_shapes, t_shapes)
+    except ValueError as e:  # a method that cannot work with these models, e.g. too few stages
+        raise KdcliError(f"--method {cfg.method}: {e}") from None
 
+    # One SGD over the student, the method's modules and (online methods) the peer: per-parameter state
+    # makes it the same as one optimizer per network with the same settings.
     params = [p for p in student.parameters() if p.requires_grad] + list(method.parameters())
+    if online:
+        params += list(teacher.parameters())
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     workers = cfg.workers if cfg.workers is not None else default_workers(data)
@@ -221,25 +250,37 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
                               num_workers=workers)
     eval_loader = DataLoader(data.eval_dataset(), batch_size=cfg.batch_size * 2, num_workers=workers)
 
-    if teacher is not None:
+    trained = [student]
+    if teacher is not None and online:
+        trained.append(teacher.train())
+    elif teacher is not None:
         teacher.to(accelerator.device).eval().requires_grad_(False)
     if any(p.requires_grad for p in method.parameters()):
-        student, method, optimizer, eval_loader = accelerator.prepare(student, method, optimizer, eval_loader)
+        trained.append(method)
     else:
         method.to(accelerator.device)
-        student, optimizer, eval_loader = accelerator.prepare(student, optimizer, eval_loader)
+    *trained, optimizer, eval_loader = accelerator.prepare(*trained, optimizer, eval_loader)
+    student = trained[0]
+    if online:
+        teacher = trained[1]
+    if len(trained) > (2 if online else 1):
+        method = trained[-1]
     if not streaming:  # a streamed split is already divided between processes by the data layer
         train_loader = accelerator.prepare(train_loader)
+    accelerator.unwrap_model(method).bind(student, teacher)
     return Session(cfg, accelerator, data, student, teacher, method, optimizer, train_loader, eval_loader,
-                   student_info, teacher_info, needs)
+                   student_info, teacher_info, needs, online=online,
+                   warmup_epochs=accelerator.unwrap_model(method).warmup_epochs(cfg.epochs))
 
 
 # ----------------------------------------------------------------------------- resume state
 
 
 def _state_module(sess: Session) -> torch.nn.Module:
-    return torch.nn.ModuleDict({"student": sess.unwrapped_student().net,
-                                "method": sess.accelerator.unwrap_model(sess.method)})
+    state = {"student": sess.unwrapped_student().net, "method": sess.accelerator.unwrap_model(sess.method)}
+    if sess.online:
+        state["peer"] = sess.unwrapped_teacher().net
+    return torch.nn.ModuleDict(state)
 
 
 def save_resume(sess: Session, out: Path, epoch: int, history: list, best: rep.Best | None,
@@ -290,7 +331,8 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False,
     early on purpose after ``stop_after_epoch`` epochs (the run can then be resumed)."""
     out = Path(cfg.out)
     check_out_dir(out, overwrite=overwrite, resume=resume)
-    accelerator = make_accelerator(cfg.precision, cfg.seed)
+    mspec = methods.spec(cfg.method, cfg.method_args)
+    accelerator = make_accelerator(cfg.precision, cfg.seed, bool(mspec.needs & {"features", "preact"}))
     sess = build(cfg, accelerator)
     main = accelerator.is_main_process
     if overwrite and main:
@@ -305,9 +347,9 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False,
     started = time.time() - elapsed_before
     metrics = None
     with EpochProgress(console, enabled=main) as progress:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, sess.total_epochs):
             metrics, best = _epoch(sess, epoch, history, best, started, progress)
-            if stop_after_epoch is not None and stop_after_epoch <= epoch + 1 < cfg.epochs:
+            if stop_after_epoch is not None and stop_after_epoch <= epoch + 1 < sess.total_epochs:
                 return None
 
     if metrics is None:  # resumed after the last epoch had already finished
@@ -328,17 +370,24 @@ def _epoch(sess: Session, epoch: int, history: list[rep.EpochRecord], best: rep.
     if hasattr(sess.train_loader, "set_epoch"):
         sess.train_loader.set_epoch(epoch)
     sess.data.set_epoch(epoch)
-    lr = cfg.lr * lr_factor(cfg.schedule, epoch, cfg.epochs)
+    warmup = epoch < sess.warmup_epochs
+    main_epoch = epoch - sess.warmup_epochs  # 0-based epoch of the main stage (negative in warm-up)
+    lr = cfg.lr if warmup else cfg.lr * lr_factor(cfg.schedule, main_epoch, cfg.epochs)
     for group in sess.optimizer.param_groups:
         group["lr"] = lr
+    method = sess.accelerator.unwrap_model(sess.method)
+    method.set_progress(max(main_epoch, 0), cfg.epochs)
+    method.use_warmup(warmup)
     sess.student.train()
     sess.method.train()
+    if sess.online:
+        sess.teacher.train()
     t0, seen, sums = time.time(), 0, {}
     try:
         steps = len(sess.train_loader)
     except TypeError:  # a streamed split has no length
         steps = None
-    progress.start_epoch(epoch + 1, cfg.epochs, steps)
+    progress.start_epoch(epoch + 1, sess.total_epochs, steps)
     for step, batch in enumerate(sess.train_loader):
         images, labels = batch["image"].to(sess.device), batch["label"].to(sess.device)
         try:
@@ -356,22 +405,24 @@ def _epoch(sess: Session, epoch: int, history: list[rep.EpochRecord], best: rep.
         raise KdcliError("the training split yielded no batch; is it empty or smaller than --batch-size?")
     terms = {k: float(v) / seen for k, v in sums.items()}
     metrics = sess.evaluate()
-    record = rep.EpochRecord(epoch=epoch + 1, lr=lr, images=seen * world, loss=sum(terms.values()), terms=terms,
+    record = rep.EpochRecord(epoch=epoch + 1, stage="warmup" if warmup else "train", lr=lr,
+                             images=seen * world, loss=sum(terms.values()), terms=terms,
                              eval_top1=metrics.top1, seconds=time.time() - t0,
                              images_per_s=seen * world / max(train_seconds, 1e-9))
     history.append(record)
-    if best is None or metrics.top1 > best.top1:
+    if not warmup and (best is None or metrics.top1 > best.top1):
         best = rep.Best(epoch=epoch + 1, top1=metrics.top1)
     if accelerator.is_main_process:
         save_resume(sess, out, epoch + 1, history, best, started)
-        progress.line(format_epoch(record, cfg.epochs))
+        progress.line(format_epoch(record, sess.total_epochs))
     accelerator.wait_for_everyone()
     return metrics, best
 
 
 def format_epoch(r: rep.EpochRecord, epochs: int) -> str:
     terms = ", ".join(f"{k} {v:.4f}" for k, v in r.terms.items())
-    return (f"epoch {r.epoch}/{epochs}  loss {r.loss:.4f} ({terms})  lr {r.lr:.4g}  "
+    stage = " (warm-up)" if r.stage == "warmup" else ""
+    return (f"epoch {r.epoch}/{epochs}{stage}  loss {r.loss:.4f} ({terms})  lr {r.lr:.4g}  "
             f"eval top1 {100 * r.eval_top1:.2f}%  {r.images_per_s:.0f} img/s  {r.seconds:.1f}s")
 
 
@@ -385,7 +436,15 @@ def finish(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | None
         "teacher": cfg.teacher, "dataset": cfg.dataset, "epochs": cfg.epochs, "seed": cfg.seed,
         "kdcli_version": __version__}})
     ckpt.save(out / MODEL_FILE, student.net, meta)
-    method_cls = methods.get(cfg.method)
+    mspec = methods.spec(cfg.method, cfg.method_args)
+    peer = None
+    if sess.online:  # the other network of an online method gets its own checkpoint and metrics
+        p_model = sess.unwrapped_teacher()
+        ckpt.save(out / PEER_FILE, p_model.net, p_model.meta.model_copy(update={"trained": meta.trained}))
+        peer = rep.PeerInfo(model=rep.ModelInfo(**{**model_info(sess.teacher_info).model_dump(),
+                                                   "path": str(out / PEER_FILE),
+                                                   "sha256": ckpt.sha256(out / PEER_FILE)}),
+                            metrics=sess.evaluate(peer=True))
     total = time.time() - started
     images = sum(h.images for h in history)
     train_seconds = sum(h.images / h.images_per_s for h in history if h.images_per_s > 0)
@@ -396,8 +455,9 @@ def finish(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | None
         teacher=model_info(sess.teacher_info) if sess.teacher_info else None,
         student=rep.ModelInfo(**{**model_info(sess.student_info).model_dump(), "source": sess.student_info.source,
                                  "path": str(out / MODEL_FILE), "sha256": ckpt.sha256(out / MODEL_FILE)}),
-        method=rep.MethodInfo(name=method_cls.name, family=method_cls.family,
-                              args=methods.parse_args(method_cls, cfg.method_args).model_dump()),
+        method=rep.MethodInfo(name=mspec.name, family=mspec.family, args=mspec.resolved_args(),
+                              warmup_epochs=sess.warmup_epochs),
+        peer=peer,
         metrics=rep.MetricsBlock(final=metrics, best=best),
         history=history,
         timing=rep.Timing(total_seconds=total, train_images_per_s=images / train_seconds if train_seconds else 0.0),

@@ -46,7 +46,15 @@ class ModelInfo(BaseModel):
 class MethodInfo(BaseModel):
     name: str
     family: str
-    args: dict[str, Any]
+    args: dict[str, Any] = Field(description="resolved arguments; per method for a composition like kd+at")
+    warmup_epochs: int = Field(0, description="epochs of the method's warm-up stage, before the main epochs")
+
+
+class PeerInfo(BaseModel):
+    """The other network of an online method (DML): trained alongside the student."""
+
+    model: ModelInfo
+    metrics: Metrics
 
 
 class DataInfo(BaseModel):
@@ -76,6 +84,7 @@ class Environment(BaseModel):
 
 class EpochRecord(BaseModel):
     epoch: int
+    stage: Literal["warmup", "train"] = "train"
     lr: float
     loss: float
     terms: dict[str, float]
@@ -103,6 +112,7 @@ class Report(BaseModel):
     teacher: ModelInfo | None
     student: ModelInfo
     method: MethodInfo
+    peer: PeerInfo | None = None
     metrics: MetricsBlock
     history: list[EpochRecord]
     timing: Timing

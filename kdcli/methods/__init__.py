@@ -1,6 +1,19 @@
 """Distillation methods: one registry, one small class per method, grouped by family."""
 
-from kdcli.methods import logits  # noqa: F401  (registers the methods)
-from kdcli.methods.base import Method, MethodArgs, Outputs, Shapes, available, build, get, parse_args
+from kdcli.methods import boundary, features, logits, online, relations  # noqa: F401  (registers the methods)
+from kdcli.methods.base import (
+    Composite,
+    Method,
+    MethodArgs,
+    MethodSpec,
+    Outputs,
+    Shapes,
+    available,
+    build,
+    get,
+    parse_args,
+    spec,
+)
 
-__all__ = ["Method", "MethodArgs", "Outputs", "Shapes", "available", "build", "get", "parse_args"]
+__all__ = ["Composite", "Method", "MethodArgs", "MethodSpec", "Outputs", "Shapes", "available", "build", "get",
+           "parse_args", "spec"]

@@ -54,23 +54,71 @@ class Method(nn.Module):
     """One distillation method (or the plain cross-entropy baseline).
 
     Subclasses set the class variables below, an ``Args`` model whose defaults come from the
-    method's paper or reference code (cited in the subclass docstring), and ``forward``.
+    method's paper or reference code (cited in the subclass docstring), and ``forward``. The hooks
+    after ``forward`` are optional; the loop calls them for every method alike and never asks which
+    method it runs.
     """
 
     name: ClassVar[str]
-    family: ClassVar[str]
+    family: ClassVar[str]  # baseline | logits | features | boundary | relations | online
     mimics: ClassVar[str]
-    needs: ClassVar[frozenset[str]] = frozenset({"logits"})
+    needs: ClassVar[frozenset[str]] = frozenset({"logits"})  # of: logits, features, pooled, preact
     uses_teacher: ClassVar[bool] = True
+    online: ClassVar[bool] = False  # the teacher trains too (DML): its terms reach it through autograd
+    stages_note: ClassVar[str] = ""  # one line for `kdcli methods`, e.g. "warm-up: hint stage"
     Args: ClassVar[type[MethodArgs]] = MethodArgs
 
     def __init__(self, args: MethodArgs | None = None, student: Shapes | None = None,
                  teacher: Shapes | None = None):
         super().__init__()
         self.args = args if args is not None else self.Args()
+        self.progress = 0.0  # fraction of the main training stage done, set by the loop each epoch
+        self._models: tuple = ()
 
-    def forward(self, s: Outputs, t: Outputs | None, target: Tensor) -> dict[str, Tensor]:
+    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *,
+                images: Tensor | None = None) -> dict[str, Tensor]:
+        """Named, already weighted loss terms for one batch (``images``: the [0, 1] input batch)."""
         raise NotImplementedError
+
+    # -- optional hooks ---------------------------------------------------------------------------
+    def warmup_epochs(self, epochs: int) -> int:
+        """Epochs of a warm-up stage run before the ``epochs`` of training (0: none)."""
+        return 0
+
+    def warmup(self, s: Outputs, t: Outputs | None, target: Tensor, *,
+               images: Tensor | None = None) -> dict[str, Tensor]:
+        """Loss terms of the warm-up stage (only called when ``warmup_epochs`` > 0)."""
+        raise NotImplementedError
+
+    def set_progress(self, epoch: int, epochs: int) -> None:
+        """Called by the loop before each training epoch (0-based ``epoch`` of ``epochs``)."""
+        self.progress = epoch / max(epochs, 1)
+
+    def use_warmup(self, on: bool) -> None:
+        """Make calling the method compute the warm-up terms (``on``) or the main ones.
+
+        The loop calls the method module itself, so that wrappers such as DDP see every call.
+        """
+        if on:
+            self.forward = self.warmup
+        else:
+            self.__dict__.pop("forward", None)
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Give the method the models (for methods that run them on inputs of their own, e.g. BSS).
+
+        Kept in a tuple so the models' parameters do not become the method's parameters.
+        Calling ``self.student_model(x, needs)`` returns :class:`Outputs`.
+        """
+        self._models = (student, teacher)
+
+    @property
+    def student_model(self) -> nn.Module:
+        return self._models[0]
+
+    @property
+    def teacher_model(self) -> nn.Module | None:
+        return self._models[1]
 
     @classmethod
     def defaults(cls) -> dict[str, object]:
@@ -114,15 +162,129 @@ def parse_args(cls: type[Method], raw: dict[str, str]) -> MethodArgs:
                          f"(valid arguments: {valid})") from None
 
 
+class Composite(Method):
+    """Methods summed: ``kd+at`` returns the terms of both.
+
+    The hard-label term ``ce`` is kept once, from the first part that returns it (so ``kd+at`` has
+    KD's CE weight 0.1, as the field's recipe composes them); other clashing names get the part's
+    name as a prefix. Warm-up lasts as long as the longest part's and sums the warm-up terms of the
+    parts that have one.
+    """
+
+    name = "composite"
+    family = "composite"
+    mimics = "the sum of its parts"
+
+    def __init__(self, parts: list[Method]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.name = "+".join(p.name for p in parts)
+        self.family = "+".join(p.family for p in parts)
+        self.needs = frozenset().union(*(p.needs for p in parts))
+        self.uses_teacher = any(p.uses_teacher for p in parts)
+        self.online = any(p.online for p in parts)
+
+    @staticmethod
+    def _merge(part_terms: list[tuple[str, dict[str, Tensor]]]) -> dict[str, Tensor]:
+        terms: dict[str, Tensor] = {}
+        for name, got in part_terms:
+            for k, v in got.items():
+                if k == "ce" and "ce" in terms:
+                    continue
+                terms[k if k not in terms else f"{name}.{k}"] = v
+        return terms
+
+    def _teacher_for(self, part: Method, t: Outputs | None) -> Outputs | None:
+        # an online peer's outputs carry grad: only the online part may move it
+        return t if t is None or part.online else t.map(Tensor.detach)
+
+    def forward(self, s, t, target, *, images=None):
+        return self._merge([(p.name, p(s, self._teacher_for(p, t), target, images=images)) for p in self.parts])
+
+    def warmup_epochs(self, epochs: int) -> int:
+        return max(p.warmup_epochs(epochs) for p in self.parts)
+
+    def warmup(self, s, t, target, *, images=None):
+        return self._merge([(p.name, p.warmup(s, self._teacher_for(p, t), target, images=images))
+                            for p in self.parts if p.warmup_epochs(1) > 0])
+
+    def set_progress(self, epoch: int, epochs: int) -> None:
+        super().set_progress(epoch, epochs)
+        for p in self.parts:
+            p.set_progress(epoch, epochs)
+
+    def bind(self, student, teacher) -> None:
+        super().bind(student, teacher)
+        for p in self.parts:
+            p.bind(student, teacher)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A validated ``--method`` (possibly ``a+b``) with its arguments, before any model exists."""
+
+    name: str
+    parts: tuple[tuple[type[Method], MethodArgs], ...]
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset().union(*(cls.needs for cls, _ in self.parts))
+
+    @property
+    def uses_teacher(self) -> bool:
+        return any(cls.uses_teacher for cls, _ in self.parts)
+
+    @property
+    def online(self) -> bool:
+        return any(cls.online for cls, _ in self.parts)
+
+    @property
+    def family(self) -> str:
+        return "+".join(cls.family for cls, _ in self.parts)
+
+    def resolved_args(self) -> dict[str, object]:
+        if len(self.parts) == 1:
+            return self.parts[0][1].model_dump()
+        return {cls.name: args.model_dump() for cls, args in self.parts}
+
+    def build(self, student: Shapes | None = None, teacher: Shapes | None = None) -> Method:
+        methods = [cls(args, student, teacher) for cls, args in self.parts]
+        return methods[0] if len(methods) == 1 else Composite(methods)
+
+
+def spec(name: str, raw_args: dict[str, str] | None = None) -> MethodSpec:
+    """Validate a method name (``kd`` or ``kd+at``) and its ``KEY=VALUE`` arguments.
+
+    For a composition, keys are namespaced by method: ``at.beta=1000``.
+    """
+    raw_args = raw_args or {}
+    names = [n.strip() for n in name.split("+")]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise KdcliError(f"bad --method {name!r}: use one name or distinct names joined by '+', e.g. kd+at")
+    classes = [get(n) for n in names]
+    if len(classes) == 1:
+        return MethodSpec(name, ((classes[0], parse_args(classes[0], raw_args)),))
+    routed: dict[str, dict[str, str]] = {n: {} for n in names}
+    for key, value in raw_args.items():
+        prefix, dot, sub = key.partition(".")
+        if not dot or prefix not in routed:
+            raise KdcliError(f"--method-arg {key!r}: with --method {name}, name the method too, e.g. "
+                             f"{names[-1]}.{sub or key}=VALUE")
+        routed[prefix][sub] = value
+    return MethodSpec(name, tuple((cls, parse_args(cls, routed[cls.name])) for cls in classes))
+
+
 def build(name: str, raw_args: dict[str, str] | None = None, student: Shapes | None = None,
           teacher: Shapes | None = None) -> Method:
-    """Find a method by name, validate its arguments and build it for the given output shapes."""
-    cls = get(name)
-    return cls(parse_args(cls, raw_args or {}), student, teacher)
+    """Find a method (or composition) by name, validate its arguments and build it for the given shapes."""
+    return spec(name, raw_args).build(student, teacher)
 
 
 def kl_div(student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0) -> Tensor:
-    """KL(teacher || student) of temperature-softened distributions, averaged over the batch."""
+    """KL(teacher || student) of temperature-softened distributions, averaged over the batch.
+
+    The teacher side is detached: a KL term only ever moves the student it is the loss of.
+    """
     log_p_s = torch.log_softmax(student_logits.float() / T, dim=1)
-    log_p_t = torch.log_softmax(teacher_logits.float() / T, dim=1)
+    log_p_t = torch.log_softmax(teacher_logits.detach().float() / T, dim=1)  # the target moves nothing
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()

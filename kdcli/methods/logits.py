@@ -21,7 +21,7 @@ class CrossEntropy(Method):
     class Args(MethodArgs):
         label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
-    def forward(self, s: Outputs, t: Outputs | None, target: Tensor) -> dict[str, Tensor]:
+    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None) -> dict[str, Tensor]:
         return {"ce": F.cross_entropy(s.logits.float(), target, label_smoothing=self.args.label_smoothing)}
 
 
@@ -44,7 +44,7 @@ class KD(Method):
         ce_weight: float = Field(0.1, ge=0.0, description="weight of the hard-label cross-entropy")
         kd_weight: float = Field(0.9, ge=0.0, description="weight of the T²-scaled KL term")
 
-    def forward(self, s: Outputs, t: Outputs | None, target: Tensor) -> dict[str, Tensor]:
+    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None) -> dict[str, Tensor]:
         a = self.args
         return {
             "ce": a.ce_weight * F.cross_entropy(s.logits.float(), target),

@@ -1,6 +1,6 @@
 """Models: timm networks (plus the CIFAR nets kdcli registers into timm) and kdcli checkpoints."""
 
 from kdcli.models.checkpoint import ModelMeta
-from kdcli.models.classifier import Classifier, DataFacts, Loaded, load
+from kdcli.models.classifier import Classifier, DataFacts, Loaded, default_stages, load, match_stages
 
-__all__ = ["Classifier", "DataFacts", "Loaded", "ModelMeta", "load"]
+__all__ = ["Classifier", "DataFacts", "Loaded", "ModelMeta", "default_stages", "load", "match_stages"]

@@ -319,3 +319,44 @@ def _make_entrypoint(name: str):
 for _name in CIFAR_MODELS:
     globals()[_name] = register_model(_make_entrypoint(_name))
 del _name
+
+
+# ----------------------------------------------------------------------------- small ViTs for 32×32 inputs
+# timm's ViTs are sized for 224×224 with 16×16 patches; on CIFAR-sized images the field uses 4×4 patches
+# (e.g. 64 tokens at 32×32). These are plain timm VisionTransformers, so feature_info and
+# forward_intermediates (tokens returned as NCHW maps) are timm's own. dynamic_img_size lets them run
+# at other sizes too (digits: 8×8 → 2×2 tokens).
+CIFAR_VITS: dict[str, dict[str, int]] = {
+    "cifar_vit_micro_p4": {"embed_dim": 96, "depth": 4, "num_heads": 3},
+    "cifar_vit_tiny_p4": {"embed_dim": 192, "depth": 6, "num_heads": 3},
+}
+
+
+def _make_vit_entrypoint(name: str):
+    from timm.models.vision_transformer import VisionTransformer
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any):
+        if pretrained:
+            raise ValueError(f"{name} has no pretrained weights; load a kdcli checkpoint instead")
+        for key in _TIMM_PLUMBING:
+            kwargs.pop(key, None)
+        kwargs.setdefault("num_classes", 100)
+        model = VisionTransformer(img_size=32, patch_size=4, mlp_ratio=2.0, dynamic_img_size=True,
+                                  **CIFAR_VITS[name], **kwargs)
+        chans = kwargs.get("in_chans", 3)
+        mean, std = (CIFAR_MEAN, CIFAR_STD) if chans == 3 else ((0.4782,) * chans, (0.2666,) * chans)
+        model.pretrained_cfg = model.default_cfg = {
+            "architecture": name, "input_size": (chans, 32, 32), "mean": mean, "std": std,
+            "num_classes": kwargs["num_classes"], "first_conv": "patch_embed.proj", "classifier": "head",
+            "interpolation": "bicubic", "crop_pct": 1.0}
+        return model
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"{name}: timm VisionTransformer with 4×4 patches for 32×32 images, {CIFAR_VITS[name]}."
+    return entrypoint
+
+
+for _name in CIFAR_VITS:
+    globals()[_name] = register_model(_make_vit_entrypoint(_name))
+del _name

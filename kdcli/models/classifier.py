@@ -23,6 +23,31 @@ from kdcli.models import checkpoint as ckpt
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
+DEFAULT_STAGES = 3
+
+
+def stage_info(net: nn.Module) -> list[dict]:
+    """timm's per-stage description (channels, reduction, module), shallow to deep; [] if none."""
+    info = getattr(net, "feature_info", None)
+    return list(info) if isinstance(info, list | tuple) else []
+
+
+def default_stages(net: nn.Module, k: int = DEFAULT_STAGES) -> list[int]:
+    """The last ``k`` stages: the deepest entry at each of the last ``k`` resolutions, or, for models
+    that keep one resolution throughout (ViTs), ``k`` entries spread evenly and ending at the last."""
+    info = stage_info(net)
+    if not info:
+        return []
+    last_at: dict[int, int] = {}
+    for i, f in enumerate(info):
+        last_at[f.get("reduction", i)] = i
+    distinct = sorted(last_at.values())
+    if len(distinct) >= k:
+        return distinct[-k:]
+    n = len(info)
+    return sorted({round((n - 1) * (j + 1) / k) for j in range(k)})
+
+
 class Classifier(nn.Module):
     """A timm network that normalises its own input and returns :class:`Outputs`."""
 
@@ -30,6 +55,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.net = net
         self.meta = meta
+        self.stages: list[int] | None = None  # which feature_info entries feed Outputs.features
         self.register_buffer("mean", torch.tensor(meta.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(meta.std).view(1, -1, 1, 1), persistent=False)
 
@@ -37,14 +63,23 @@ class Classifier(nn.Module):
         if x.shape[1] == 1 and self.meta.in_chans == 3:
             x = x.expand(-1, 3, -1, -1)  # grayscale data into an RGB model
         x = (x - self.mean) / self.std
-        if "pooled" not in needs:
+        if "features" in needs or "preact" in needs:
+            final, feats = self.net.forward_intermediates(x, indices=self.stages, output_fmt="NCHW")
+        elif "pooled" in needs:
+            final, feats = self.net.forward_features(x), []
+        else:
             return Outputs(logits=self.net(x))
-        pooled = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
-        return Outputs(logits=self.net.get_classifier()(pooled), pooled=pooled)
+        pooled = self.net.forward_head(final, pre_logits=True) if "pooled" in needs else None
+        # timm models expose stage outputs (after the activation); "preact" gets the same maps
+        return Outputs(logits=self.net.forward_head(final), features=feats if "features" in needs else [],
+                       pooled=pooled, preact=feats if "preact" in needs else [])
 
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.net.parameters())
+
+    def num_stages(self) -> int:
+        return len(stage_info(self.net))
 
     @torch.no_grad()
     def shapes(self, needs: frozenset[str], size: int) -> Shapes:
@@ -53,9 +88,32 @@ class Classifier(nn.Module):
         self.eval()
         out = self(torch.zeros(2, self.meta.in_chans, size, size, device=self.mean.device), needs)
         self.train(was_training)
+        feats = out.features or out.preact
         return Shapes(num_classes=out.logits.shape[1],
-                      features=tuple(tuple(f.shape[1:]) for f in out.features),
+                      features=tuple(tuple(f.shape[1:]) for f in feats),
                       pooled=None if out.pooled is None else out.pooled.shape[1])
+
+
+def match_stages(student: Classifier, teacher: Classifier, s_stages: list[int] | None,
+                 t_stages: list[int] | None) -> None:
+    """Choose which stages feed feature methods: the last k of each, matched by order, unless given."""
+    for model, role in ((student, "--student"), (teacher, "--teacher")):
+        if not model.num_stages() or not hasattr(model.net, "forward_intermediates"):
+            raise KdcliError(f"{role} {model.meta.architecture} exposes no stage features (timm feature_info / "
+                             "forward_intermediates); choose a method that needs only logits")
+    k = min(DEFAULT_STAGES, student.num_stages(), teacher.num_stages())
+    for model, given, role in ((student, s_stages, "--student-stages"), (teacher, t_stages, "--teacher-stages")):
+        n = model.num_stages()
+        if given is not None:
+            bad = [i for i in given if not -n <= i < n]
+            if bad:
+                raise KdcliError(f"{role} {bad} out of range: {model.meta.architecture} has stages 0..{n - 1}")
+            model.stages = [i % n for i in given]
+        else:
+            model.stages = default_stages(model.net, k)
+    if len(student.stages) != len(teacher.stages):
+        raise KdcliError(f"student stages {student.stages} and teacher stages {teacher.stages} differ in number; "
+                         "give --student-stages and --teacher-stages of the same length")
 
 
 @dataclass
