@@ -7,6 +7,7 @@ under no_grad plus a student cross-entropy step. Rounds alternate between the tw
 noise hits both alike; the ratio of the medians is printed. Target: ≤ 1.10.
 
     python benchmarks/step_overhead.py [--rounds 15] [--steps 5] [--teacher cifar_resnet56] ...
+    python benchmarks/step_overhead.py --all     # one row per registered method (main-stage step)
 """
 
 from __future__ import annotations
@@ -42,19 +43,24 @@ def timed(fn, x, y, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def measure(teacher: str, student: str, method: str, batch: int, size: int, classes: int,
+def measure(teacher: str, student: str, method: str, batch: int, dataset: str,
             rounds: int, steps: int, method_args: dict[str, str] | None = None) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as out:
         cfg = RunConfig(command="distill", teacher=teacher, student=student, method=method,
-                        method_args=method_args or {}, dataset=f"synthetic:{size}:{classes}:{batch * 2}",
-                        batch_size=batch, out=out)
+                        method_args=method_args or {}, dataset=dataset, batch_size=batch, out=out)
         sess = loop.build(cfg)
-    t_net = timm.create_model(teacher, num_classes=classes).eval()
-    s_net = timm.create_model(student, num_classes=classes).train()
+    classes, chans = sess.data.num_classes, sess.data.in_chans
+    # the plain networks: same architectures; the plain teacher takes the kdcli teacher's weights
+    # (a trained checkpoint matters for BSS, which only attacks samples the teacher gets right)
+    t_net = timm.create_model(sess.teacher.meta.architecture, num_classes=classes, in_chans=sess.teacher.meta.in_chans)
+    t_net.load_state_dict(sess.teacher.net.state_dict())
+    t_net.eval()
+    s_net = timm.create_model(sess.student.meta.architecture, num_classes=classes, in_chans=chans).train()
     opt = torch.optim.SGD(s_net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     plain = plain_step_fn(t_net, s_net, opt)
     sess.student.train()
-    x, y = torch.rand(batch, 3, size, size), torch.randint(0, classes, (batch,))
+    real = next(iter(sess.train_loader))  # a real batch: a trained teacher should see data it knows
+    x, y = real["image"][:batch], real["label"][:batch]
     # the plain step gets the batch already normalised, as a data pipeline would hand it over;
     # kdcli normalises inside each model (teacher and student may expect different statistics)
     mean, std = sess.student.mean, sess.student.std
@@ -75,14 +81,27 @@ def main() -> None:
     p.add_argument("--student", default="cifar_resnet20")
     p.add_argument("--method", default="kd")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--dataset", default="synthetic:32:100:256",
+                   help="data for the batch (with a checkpoint teacher: the data it was trained on)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--all", action="store_true", help="every registered method, as a table")
     a = p.parse_args()
     torch.manual_seed(0)
-    kd, plain = measure(a.teacher, a.student, a.method, a.batch, a.size, a.classes, a.rounds, a.steps)
-    print(f"{a.teacher} -> {a.student}, batch {a.batch}, {a.size}x{a.size}, {torch.get_num_threads()} threads")
+    if a.all:
+        from kdcli import methods
+
+        print(f"{a.teacher} -> {a.student}, batch {a.batch}, {a.dataset}, {torch.get_num_threads()} threads")
+        print("| method | family | step (ms) | plain CE + teacher fwd (ms) | ratio |\n|---|---|---|---|---|")
+        for name in methods.available():
+            if name == "ce":
+                continue
+            kd, plain = measure(a.teacher, a.student, name, a.batch, a.dataset, a.rounds, a.steps)
+            print(f"| `{name}` | {methods.get(name).family} | {1000 * kd:.0f} | {1000 * plain:.0f} | "
+                  f"{kd / plain:.2f} |", flush=True)
+        return
+    kd, plain = measure(a.teacher, a.student, a.method, a.batch, a.dataset, a.rounds, a.steps)
+    print(f"{a.teacher} -> {a.student}, batch {a.batch}, {a.dataset}, {torch.get_num_threads()} threads")
     print(f"plain CE step + teacher forward: {1000 * plain:.1f} ms")
     print(f"kdcli {a.method} step:  {1000 * kd:.1f} ms")
     print(f"ratio: {kd / plain:.3f}  (target <= 1.10)")

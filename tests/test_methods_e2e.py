@@ -68,3 +68,21 @@ def test_every_method_runs_end_to_end(method, tmp_path):
         assert rep.peer.model.name == "cifar_resnet14" and 0 <= rep.peer.metrics.top1 <= 1
     else:
         assert rep.peer is None and not (tmp_path / "peer.safetensors").exists()
+
+
+@pytest.mark.parametrize("method, extra", [("dml", []), ("fitnet", ["--method-arg", "warmup=0.5"])])
+def test_resume_is_exact_with_warmup_stages_and_online_peers(method, extra, tmp_path):
+    common = ["distill", "--teacher", "cifar_resnet14", "--student", "cifar_resnet8", "--method", method, *extra,
+              "--dataset", "synthetic:8:4:96", "--epochs", "2", "--batch-size", "16", "--schedule", "step"]
+    kdcli(*common, "--out", tmp_path / "whole")
+    kdcli(*common, "--out", tmp_path / "parts", "--stop-after-epoch", "1")
+    kdcli("distill", "--resume", tmp_path / "parts")
+    from safetensors.torch import load_file
+    files = ["model.safetensors"] + (["peer.safetensors"] if method == "dml" else [])
+    for f in files:
+        a, b = load_file(str(tmp_path / "whole" / f)), load_file(str(tmp_path / "parts" / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    ra = Report.model_validate_json((tmp_path / "whole" / "report.json").read_text())
+    rb = Report.model_validate_json((tmp_path / "parts" / "report.json").read_text())
+    assert [h.terms for h in ra.history] == [h.terms for h in rb.history]
+    assert [h.stage for h in ra.history] == (["warmup", "train", "train"] if method == "fitnet" else ["train"] * 2)
