@@ -12,9 +12,12 @@ COMMON=(--dataset digits --epochs "$EPOCHS" --batch-size 64 --overwrite)
 
 kdcli train --model "$TEACHER" "${COMMON[@]}" --out "$OUT/teacher"
 kdcli train --model "$STUDENT" "${COMMON[@]}" --out "$OUT/ce"
-# every registered method but the baseline; dml trains its own peer of the teacher's architecture
-for method in $(python -c "from kdcli import methods; print(' '.join(m for m in methods.available() if m != 'ce'))"); do
-  if [ "$method" = dml ]; then teacher=$TEACHER; else teacher=$OUT/teacher/model.safetensors; fi
+# every registered method but the baseline; online methods (dml) train a fresh peer of the teacher's
+# architecture instead of distilling the trained teacher
+LIST='from kdcli import methods as m; print(" ".join(f"{n}:{int(m.get(n).online)}" for n in m.available() if n != "ce"))'
+for entry in $(python -c "$LIST"); do
+  method=${entry%%:*}
+  if [ "${entry##*:}" = 1 ]; then teacher=$TEACHER; else teacher=$OUT/teacher/model.safetensors; fi
   kdcli distill --teacher "$teacher" --student "$STUDENT" --method "$method" "${COMMON[@]}" --out "$OUT/$method"
 done
 

@@ -183,7 +183,8 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_methods_lists_the_registry(capsys):
     kdcli("methods")
     out = capsys.readouterr().out
-    assert "kd" in out and "ce" in out and "T=4.0" in out
+    from kdcli import methods
+    assert all(name in out for name in methods.available()) and "T=4.0" in out and len(methods.available()) == 11
 
 
 def test_two_process_cpu_run_with_accelerate_launch(tmp_path):
@@ -201,3 +202,10 @@ def test_two_process_cpu_run_with_accelerate_launch(tmp_path):
     assert files == ["model.safetensors", "report.json", "resume"]
     assert proc.stdout.count("epoch 1/1") == 1  # one process reports
     assert Path(tmp_path / "ddp" / "model.safetensors").stat().st_size > 0
+
+
+def test_a_diverging_loss_stops_with_the_term_and_step(tmp_path, capsys):
+    err = fails(capsys, "train", "--model", "cifar_resnet8", "--dataset", "synthetic:8:4:128", "--epochs", "2",
+                "--batch-size", "16", "--lr", "1e12", "--out", tmp_path / "r")
+    assert "loss term 'ce' became" in err and "at epoch 1, step" in err and "--lr" in err
+    assert not (tmp_path / "r" / "report.json").exists() and not (tmp_path / "r" / "model.safetensors").exists()

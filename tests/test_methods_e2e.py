@@ -86,3 +86,26 @@ def test_resume_is_exact_with_warmup_stages_and_online_peers(method, extra, tmp_
     rb = Report.model_validate_json((tmp_path / "parts" / "report.json").read_text())
     assert [h.terms for h in ra.history] == [h.terms for h in rb.history]
     assert [h.stage for h in ra.history] == (["warmup", "train", "train"] if method == "fitnet" else ["train"] * 2)
+
+
+def test_stage_options_choose_the_matched_stages(tmp_path, capsys):
+    from tests.test_cli import fails
+    common = ["distill", "--teacher", "cifar_resnet14", "--student", "cifar_vit_micro_p4", "--method", "at",
+              "--dataset", "synthetic:16:4:64", "--epochs", "1", "--batch-size", "16"]
+    kdcli(*common, "--student-stages", "1,3", "--teacher-stages", "2,3", "--out", tmp_path / "ok")
+    rep = Report.model_validate_json((tmp_path / "ok" / "report.json").read_text())
+    assert rep.config["student_stages"] == [1, 3] and rep.config["teacher_stages"] == [2, 3]
+    assert "differ in number" in fails(capsys, *common, "--student-stages", "1", "--out", tmp_path / "a")
+    assert "out of range" in fails(capsys, *common, "--teacher-stages", "1,2,9", "--out", tmp_path / "b")
+    assert "comma-separated" in fails(capsys, *common, "--teacher-stages", "x", "--out", tmp_path / "c")
+
+
+def test_default_stages_match_by_order_across_families():
+    from kdcli import models
+    facts = models.DataFacts(num_classes=4, in_chans=3, image_size=32, class_names=list("abcd"))
+    cnn, vit = models.load("resnet18", facts).model, models.load("cifar_vit_micro_p4", facts).model
+    models.match_stages(vit, cnn, None, None)
+    assert cnn.stages == [2, 3, 4]  # layer2..layer4: the deepest block at each of the last 3 resolutions
+    assert vit.stages == [1, 2, 3]  # 4 blocks at one resolution: spread evenly, ending at the last
+    shapes = vit.shapes(frozenset({"logits", "features"}), 32)
+    assert shapes.features == ((96, 8, 8),) * 3

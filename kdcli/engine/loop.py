@@ -172,7 +172,7 @@ class Session:
         loss = sum(terms.values())
         if not torch.isfinite(loss):
             bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "loss")
-            raise TrainingDiverged(f"loss term {bad!r} became {float(terms.get(bad, loss))}")
+            raise TrainingDiverged(f"loss term {bad!r} became {float(terms.get(bad, loss).detach())}")
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self.optimizer.step()
