@@ -139,6 +139,7 @@ class Session:
     teacher_info: models.Loaded | None
     needs: frozenset[str]
     online: bool = False  # the teacher trains too (DML): it is a peer, not a fixed teacher
+    uses_teacher: bool = True  # the method reads the teacher's outputs (ce does not)
     warmup_epochs: int = 0  # epochs of the method's warm-up stage, run before cfg.epochs
     teacher_eval_logits: list[torch.Tensor] = field(default_factory=list)
 
@@ -162,7 +163,7 @@ class Session:
             t = None
             if self.online:
                 t = self.teacher(images, self.needs)  # a peer: it learns from its own terms
-            elif self.teacher is not None and self.method.uses_teacher:
+            elif self.teacher is not None and self.uses_teacher:
                 # teacher first: its activations are freed before the student's graph is built
                 with torch.inference_mode():
                     t = self.teacher(images, self.needs)
@@ -170,6 +171,11 @@ class Session:
             s = self.student(images, self.needs)
             terms = self.method(s, t, labels, images=images)  # warm-up or main terms: see use_warmup
         loss = sum(terms.values())
+        if self.accelerator.num_processes > 1:
+            # DDP expects every output of a wrapped model to reach the loss; a stage that uses only some
+            # (a hint warm-up reads one feature map) would otherwise leave its reduction unfinished
+            outs = s.tensors() + (t.tensors() if self.online else [])
+            loss = loss + 0.0 * sum(o.float().sum() for o in outs)
         if not torch.isfinite(loss):
             bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "loss")
             raise TrainingDiverged(f"loss term {bad!r} became {float(terms.get(bad, loss).detach())}")
@@ -269,7 +275,7 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
         train_loader = accelerator.prepare(train_loader)
     accelerator.unwrap_model(method).bind(student, teacher)
     return Session(cfg, accelerator, data, student, teacher, method, optimizer, train_loader, eval_loader,
-                   student_info, teacher_info, needs, online=online,
+                   student_info, teacher_info, needs, online=online, uses_teacher=mspec.uses_teacher,
                    warmup_epochs=accelerator.unwrap_model(method).warmup_epochs(cfg.epochs))
 
 
@@ -354,9 +360,10 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False,
 
     if metrics is None:  # resumed after the last epoch had already finished
         metrics = sess.evaluate()
+    peer_metrics = sess.evaluate(peer=True) if sess.online else None  # collective: every process
     report = None
     if main:
-        report = finish(sess, out, metrics, best, history, started)
+        report = finish(sess, out, metrics, best, history, started, peer_metrics)
     accelerator.wait_for_everyone()
     return report
 
@@ -427,7 +434,7 @@ def format_epoch(r: rep.EpochRecord, epochs: int) -> str:
 
 
 def finish(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | None,
-           history: list[rep.EpochRecord], started: float) -> rep.Report:
+           history: list[rep.EpochRecord], started: float, peer_metrics: rep.Metrics | None = None) -> rep.Report:
     """Write the student checkpoint, then the report (last: its presence marks a finished run)."""
     cfg = sess.cfg
     student = sess.unwrapped_student()
@@ -444,7 +451,7 @@ def finish(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | None
         peer = rep.PeerInfo(model=rep.ModelInfo(**{**model_info(sess.teacher_info).model_dump(),
                                                    "path": str(out / PEER_FILE),
                                                    "sha256": ckpt.sha256(out / PEER_FILE)}),
-                            metrics=sess.evaluate(peer=True))
+                            metrics=peer_metrics)
     total = time.time() - started
     images = sum(h.images for h in history)
     train_seconds = sum(h.images / h.images_per_s for h in history if h.images_per_s > 0)

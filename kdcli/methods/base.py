@@ -25,6 +25,9 @@ class Outputs:
     pooled: Tensor | None = None  # (B, D) penultimate embedding
     preact: list[Tensor] = field(default_factory=list)  # pre-activation stage maps, when asked for
 
+    def tensors(self) -> list[Tensor]:
+        return [self.logits, *self.features, *([self.pooled] if self.pooled is not None else []), *self.preact]
+
     def map(self, fn) -> Outputs:
         """Apply ``fn`` to every tensor (used to turn inference tensors into ordinary ones)."""
         return Outputs(
