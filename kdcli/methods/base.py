@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from kdcli.errors import KdcliError
@@ -126,6 +126,19 @@ class Method(nn.Module):
     @classmethod
     def defaults(cls) -> dict[str, object]:
         return cls.Args().model_dump()
+
+
+WARMUP_FRACTION = 0.125  # RepDistiller: 30 init epochs before the 240 of its CIFAR-100 recipe
+
+
+def warmup_field(default: float = WARMUP_FRACTION):
+    """The ``warmup`` argument of methods with a warm-up stage: a fraction of the main epochs."""
+    return Field(default, ge=0.0, le=1.0, description="warm-up length as a fraction of the main epochs (0: none)")
+
+
+def warmup_length(fraction: float, epochs: int) -> int:
+    """Warm-up epochs for ``fraction`` of ``epochs``: at least one when the fraction is positive."""
+    return max(1, round(fraction * epochs)) if fraction > 0 else 0
 
 
 _REGISTRY: dict[str, type[Method]] = {}

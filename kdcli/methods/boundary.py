@@ -15,14 +15,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from kdcli.errors import KdcliError
-from kdcli.methods.base import Method, MethodArgs, Outputs, Shapes, kl_div, register
+from kdcli.methods.base import Method, MethodArgs, Outputs, Shapes, kl_div, register, warmup_field, warmup_length
 from kdcli.methods.connectors import conv_bn, match_spatial
 
 _LOGITS = frozenset({"logits"})
-
-
-def _warmup_epochs(fraction: float, epochs: int) -> int:
-    return max(1, round(fraction * epochs)) if fraction > 0 else 0
 
 
 def ab_stage_loss(s: Tensor, t: Tensor, margin: float = 1.0) -> Tensor:
@@ -82,8 +78,7 @@ class AB(Method):
         margin: float = Field(1.0, ge=0.0, description="margin m of the squared hinge around zero")
         beta: float = Field(1.0, ge=0.0, description="weight of the AB term in the warm-up stage")
         ce_weight: float = Field(1.0, ge=0.0, description="weight of the hard-label cross-entropy (main stage)")
-        warmup: float = Field(0.125, ge=0.0, le=1.0,
-                              description="warm-up (init) stage length, as a fraction of the main epochs")
+        warmup: float = warmup_field()
 
     def __init__(self, args: MethodArgs | None = None, student: Shapes | None = None,
                  teacher: Shapes | None = None):
@@ -110,7 +105,7 @@ class AB(Method):
         return total * 3.0 / 1000.0
 
     def warmup_epochs(self, epochs: int) -> int:
-        return _warmup_epochs(self.args.warmup, epochs)
+        return warmup_length(self.args.warmup, epochs)
 
     def warmup(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None) -> dict[str, Tensor]:
         return {"ab": self.args.beta * self.ab_loss(s, t)}

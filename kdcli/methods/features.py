@@ -14,19 +14,8 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kdcli.methods.base import Method, MethodArgs, Outputs, Shapes, register
+from kdcli.methods.base import Method, MethodArgs, Outputs, Shapes, register, warmup_field, warmup_length
 from kdcli.methods.connectors import conv_bn, match_spatial, smaller
-
-WARMUP_FRACTION = 0.125  # RepDistiller: 30 init epochs before the 240 of the CIFAR-100 recipe
-
-
-def _warmup_field() -> float:
-    return Field(WARMUP_FRACTION, ge=0.0, le=10.0,
-                 description="warm-up length as a fraction of the main epochs (0: no warm-up)")
-
-
-def _warmup_epochs(fraction: float, epochs: int) -> int:
-    return max(1, round(fraction * epochs)) if fraction > 0 else 0
 
 
 def _ce(s: Outputs, target: Tensor, weight: float) -> Tensor:
@@ -86,7 +75,7 @@ class FitNet(Method):
         stage: int | None = Field(None, description="matched stage to hint (0 = shallowest, -1 = last); "
                                                     "default: the middle one")
         kernel: int = Field(1, ge=1, le=7, description="regressor kernel size (odd)")
-        warmup: float = _warmup_field()
+        warmup: float = warmup_field()
 
         @field_validator("kernel")
         @classmethod
@@ -118,7 +107,7 @@ class FitNet(Method):
         return {"ce": _ce(s, target, self.args.ce_weight), "fitnet": self.args.beta * self.hint(s, t)}
 
     def warmup_epochs(self, epochs: int) -> int:
-        return _warmup_epochs(self.args.warmup, epochs)
+        return warmup_length(self.args.warmup, epochs)
 
     def warmup(self, s, t, target, *, images=None):
         return {"fitnet": self.args.beta * self.hint(s, t)}
@@ -211,7 +200,7 @@ class FSP(Method):
     class Args(MethodArgs):
         beta: float = Field(1.0, ge=0.0, description="weight of the FSP term (warm-up stage)")
         ce_weight: float = Field(1.0, ge=0.0, description="weight of the hard-label cross-entropy")
-        warmup: float = _warmup_field()
+        warmup: float = warmup_field()
 
     def __init__(self, args=None, student: Shapes | None = None, teacher: Shapes | None = None):
         super().__init__(args, student, teacher)
@@ -234,7 +223,7 @@ class FSP(Method):
         return {"ce": _ce(s, target, self.args.ce_weight)}
 
     def warmup_epochs(self, epochs: int) -> int:
-        return _warmup_epochs(self.args.warmup, epochs)
+        return warmup_length(self.args.warmup, epochs)
 
     def warmup(self, s, t, target, *, images=None):
         return {"fsp": self.args.beta * self.fsp_loss(s, t)}
@@ -308,7 +297,7 @@ class FT(Method):
         p: int = Field(1, ge=1, le=2, description="norm of the factor distance (1: L1, 2: squared L2)")
         ce_weight: float = Field(1.0, ge=0.0, description="weight of the hard-label cross-entropy")
         paraphraser_bn: bool = Field(True, description="BN in the paraphraser (authors' code; RepDistiller: none)")
-        warmup: float = _warmup_field()
+        warmup: float = warmup_field()
 
     def __init__(self, args=None, student: Shapes | None = None, teacher: Shapes | None = None):
         super().__init__(args, student, teacher)
@@ -331,7 +320,7 @@ class FT(Method):
                 "ft": self.args.beta * factor_loss(factor_s, factor_t, self.args.p)}
 
     def warmup_epochs(self, epochs: int) -> int:
-        return _warmup_epochs(self.args.warmup, epochs)
+        return warmup_length(self.args.warmup, epochs)
 
     def warmup(self, s, t, target, *, images=None):
         _check_len(self.name, s, t, self.n_stages)
