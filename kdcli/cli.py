@@ -36,6 +36,13 @@ Momentum = Annotated[float, typer.Option(help="SGD momentum")]
 Schedule = Annotated[str, typer.Option(help="cosine | step (×0.1 at 62.5%, 75%, 87.5% of the epochs)")]
 Seed = Annotated[int, typer.Option(help="random seed (weights, order, augmentation)")]
 Precision = Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (mixed precision through Accelerate)")]
+Noise = Annotated[str | None, typer.Option(
+    help="label noise on the training split: symmetric:R, symmetric-incl:R, pairflip:R, asymmetric:R[:FILE], "
+         "matrix:FILE")]
+Imbalance = Annotated[str | None, typer.Option(help="class imbalance on the training split: longtail:F, step:RHO:MU")]
+CorruptionSeed = Annotated[int, typer.Option(help="seed of the corruption (a pure function of seed, index, label)")]
+ClassOrder = Annotated[str | None, typer.Option(
+    help="class order of the imbalance profile: a permutation 3,1,0,2 or random:SEED [default: class index]")]
 ImageSize = Annotated[int | None, typer.Option(help="resize images to this square size [default: native]")]
 Streaming = Annotated[bool, typer.Option(help="stream the training split (datasets.IterableDataset)")]
 ShuffleBuffer = Annotated[int, typer.Option(help="shuffle buffer when streaming")]
@@ -92,6 +99,10 @@ def train(
     schedule: Schedule = default("schedule"),
     seed: Seed = default("seed"),
     precision: Precision = default("precision"),
+    noise: Noise = None,
+    imbalance: Imbalance = None,
+    corruption_seed: CorruptionSeed = 0,
+    class_order: ClassOrder = None,
     image_size: ImageSize = None,
     streaming: Streaming = False,
     shuffle_buffer: ShuffleBuffer = default("shuffle_buffer"),
@@ -137,6 +148,10 @@ def distill(
     schedule: Schedule = default("schedule"),
     seed: Seed = default("seed"),
     precision: Precision = default("precision"),
+    noise: Noise = None,
+    imbalance: Imbalance = None,
+    corruption_seed: CorruptionSeed = 0,
+    class_order: ClassOrder = None,
     image_size: ImageSize = None,
     streaming: Streaming = False,
     shuffle_buffer: ShuffleBuffer = default("shuffle_buffer"),

@@ -33,6 +33,10 @@ class RunConfig(BaseModel):
     label_column: str | None = None
     train_split: str | None = None
     eval_split: str | None = None
+    noise: str | None = None  # label noise of the training split, e.g. symmetric:0.4
+    imbalance: str | None = None  # class imbalance of the training split, e.g. longtail:100
+    corruption_seed: int = 0
+    class_order: str | None = None  # for the imbalance profile: a permutation, or random:SEED
     image_size: int | None = Field(None, gt=0)
     streaming: bool = False
     shuffle_buffer: int = Field(10_000, gt=0)

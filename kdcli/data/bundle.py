@@ -30,34 +30,32 @@ STREAM_SHARDS = 64  # shards for streaming map-backed data: divisible by any pow
 class ImageClassificationDataset(torch.utils.data.Dataset):
     """A torch map-style view of one split: ``{"image", "label", "index"}`` items, transformed per example."""
 
-    def __init__(self, split, image_column: str, label_column: str, transform: ImageTransform):
+    def __init__(self, split, image_column: str, label_column: str, transform: ImageTransform,
+                 rows: np.ndarray | None = None, labels: np.ndarray | None = None):
         self.split = split  # datasets.Dataset with (at least) the image and label columns
         self.image_column = image_column
         self.label_column = label_column
         self.transform = transform
+        self.rows = rows  # original row indices this view exposes (a corrupted, subsampled split), or all
+        self.labels = labels  # labels by original row index (corrupted), or the column's
 
     def __len__(self) -> int:
-        return len(self.split)
+        return len(self.split) if self.rows is None else len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        index = int(index)
-        if index < 0:
-            index += len(self.split)
-        row = self.split[index]
-        return {
-            "image": self.transform(row[self.image_column]),
-            "label": int(row[self.label_column]),
-            "index": index,
-        }
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         """A batch of items (torch's DataLoader uses this when present): one Arrow read for the batch."""
-        n = len(self.split)
+        n = len(self)
         indices = [int(i) + n if int(i) < 0 else int(i) for i in indices]
+        if self.rows is not None:
+            indices = [int(self.rows[i]) for i in indices]
         rows = self.split[indices]
+        labels = rows[self.label_column] if self.labels is None else [self.labels[i] for i in indices]
         return [
             {"image": self.transform(image), "label": int(label), "index": index}
-            for image, label, index in zip(rows[self.image_column], rows[self.label_column], indices, strict=True)
+            for image, label, index in zip(rows[self.image_column], labels, indices, strict=True)
         ]
 
 
@@ -135,6 +133,40 @@ class DataBundle:
     _eval: Any = field(default=None, repr=False, compare=False)  # datasets.Dataset
     _stream_base: Any = field(default=None, repr=False, compare=False)
     _iterables: list = field(default_factory=list, repr=False, compare=False)
+    _rows: Any = field(default=None, repr=False, compare=False)  # kept training rows (imbalance)
+    _noisy: Any = field(default=None, repr=False, compare=False)  # training labels by row (noise)
+    clean_labels: Any = field(default=None, repr=False, compare=False)  # the uncorrupted training labels
+
+    def corrupt(self, noise: str | None, imbalance: str | None, seed: int = 0,
+                class_order: str | None = None) -> dict[str, Any]:
+        """Corrupt the training split's labels (noise) and class balance (imbalance); returns the report block.
+
+        Each decision is a pure function of (seed, original index, label): see ``kdcli.data.corruption``.
+        """
+        from kdcli.data import corruption as cor
+
+        if self.streaming:
+            raise KdcliError("--noise/--imbalance with --streaming is not supported yet; drop --streaming, or "
+                             "write a corrupted copy with `kdcli corrupt-dataset` and stream that")
+        c = self.num_classes
+        n_spec = cor.parse_noise(noise, c) if noise else None
+        i_spec = cor.parse_imbalance(imbalance, c, class_order) if imbalance else None
+        clean = _label_array(self._train, self.label_column).astype(np.int64)
+        index = np.arange(len(clean))
+        keep = cor.keep_mask(i_spec, clean, index, c, seed) if i_spec else np.ones(len(clean), dtype=bool)
+        noisy = cor.noisy_labels(n_spec, clean, index, c, seed) if n_spec else clean.copy()
+        self._rows, self._noisy, self.clean_labels = np.nonzero(keep)[0], noisy, clean
+        self.num_train = int(keep.sum())
+        block = {"noise": n_spec.text if n_spec else None, "imbalance": i_spec.text if i_spec else None,
+                 "seed": seed, "class_order": class_order,
+                 "class_counts_before": cor.class_counts(clean, c),
+                 "class_counts_after": cor.class_counts(noisy[keep], c)}
+        block.update(cor.noise_report(clean[keep], noisy[keep], c))
+        return block
+
+    def training_labels(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(clean, corrupted) labels by original row index, when the training split was corrupted."""
+        return None if self.clean_labels is None else (self.clean_labels, self._noisy)
 
     def _transform(self, train: bool) -> ImageTransform:
         return ImageTransform(self.in_chans, self.image_size, self.augment, train=train)
@@ -169,7 +201,8 @@ class DataBundle:
         ``seed`` when ``train`` (reseeded by :meth:`set_epoch`), and split by node when ``world_size > 1``.
         """
         if not self.streaming:
-            return ImageClassificationDataset(self._train, self.image_column, self.label_column, self._transform(train))
+            return ImageClassificationDataset(self._train, self.image_column, self.label_column, self._transform(train),
+                                              rows=self._rows, labels=self._noisy)
         from datasets.distributed import split_dataset_by_node
 
         stream = self._indexed_stream()

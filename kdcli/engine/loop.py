@@ -140,6 +140,7 @@ class Session:
     needs: frozenset[str]
     online: bool = False  # the teacher trains too (DML): it is a peer, not a fixed teacher
     uses_teacher: bool = True  # the method reads the teacher's outputs (ce does not)
+    corruption: dict | None = None  # what was done to the training split, as measured
     warmup_epochs: int = 0  # epochs of the method's warm-up stage, run before cfg.epochs
     teacher_eval_logits: list[torch.Tensor] = field(default_factory=list)
 
@@ -222,6 +223,8 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     if mspec.uses_teacher and not cfg.teacher:
         raise KdcliError(f"method {cfg.method!r} needs a teacher (a peer, for online methods): pass --teacher")
     data = open_run_data(cfg)
+    corruption = (data.corrupt(cfg.noise, cfg.imbalance, cfg.corruption_seed, cfg.class_order)
+                  if cfg.noise or cfg.imbalance else None)
     facts = data_facts(data)
     student_info = models.load(cfg.student, facts, weights=cfg.student_weights,
                                option="--model" if cfg.command == "train" else "--student")
@@ -276,6 +279,7 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     accelerator.unwrap_model(method).bind(student, teacher)
     return Session(cfg, accelerator, data, student, teacher, method, optimizer, train_loader, eval_loader,
                    student_info, teacher_info, needs, online=online, uses_teacher=mspec.uses_teacher,
+                   corruption=corruption,
                    warmup_epochs=accelerator.unwrap_model(method).warmup_epochs(cfg.epochs))
 
 
@@ -324,11 +328,11 @@ def model_info(loaded: models.Loaded, path: Path | None = None) -> rep.ModelInfo
                          sha256=ckpt.sha256(file) if file else None)
 
 
-def data_info(data: DataBundle) -> rep.DataInfo:
+def data_info(data: DataBundle, corruption: dict | None = None) -> rep.DataInfo:
     return rep.DataInfo(dataset=data.name, source=data.source, train_split=data.train_split,
                         eval_split=data.eval_split, num_classes=data.num_classes, class_names=data.class_names,
                         num_train=data.num_train, num_eval=data.num_eval, image_size=data.image_size,
-                        in_chans=data.in_chans, streaming=data.streaming)
+                        in_chans=data.in_chans, streaming=data.streaming, corruption=corruption)
 
 
 def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False,
@@ -361,6 +365,8 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False,
     if metrics is None:  # resumed after the last epoch had already finished
         metrics = sess.evaluate()
     peer_metrics = sess.evaluate(peer=True) if sess.online else None  # collective: every process
+    if sess.corruption is not None:
+        sess.corruption["diagnostics"] = training_diagnostics(sess)
     report = None
     if main:
         report = finish(sess, out, metrics, best, history, started, peer_metrics)
@@ -426,6 +432,31 @@ def _epoch(sess: Session, epoch: int, history: list[rep.EpochRecord], best: rep.
     return metrics, best
 
 
+@torch.no_grad()
+def training_diagnostics(sess: Session) -> dict:
+    """How the final student treats its corrupted training data (no augmentation): among noisy examples,
+    how often it predicts the noisy label (memorised), the clean one (corrected) or another; and its top-1
+    on the examples whose label was left alone."""
+    from kdcli.data.corruption import memorisation
+
+    clean, noisy = sess.data.training_labels()
+    loader = sess.accelerator.prepare(DataLoader(sess.data.train_dataset(train=False),
+                                                 batch_size=sess.cfg.batch_size * 2))
+    student = sess.student
+    was_training = student.training
+    student.eval()
+    preds, rows = [], []
+    for batch in loader:
+        with sess.accelerator.autocast():
+            logits = student(batch["image"].to(sess.device)).logits
+        p, i = sess.accelerator.gather_for_metrics((logits.argmax(1), batch["index"].to(sess.device)))
+        preds.append(p.cpu())
+        rows.append(i.cpu())
+    student.train(was_training)
+    pred, idx = torch.cat(preds).numpy(), torch.cat(rows).numpy()
+    return memorisation(pred, clean[idx], noisy[idx])
+
+
 def format_epoch(r: rep.EpochRecord, epochs: int) -> str:
     terms = ", ".join(f"{k} {v:.4f}" for k, v in r.terms.items())
     stage = " (warm-up)" if r.stage == "warmup" else ""
@@ -458,7 +489,7 @@ def finish(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | None
     report = rep.Report(
         command=cfg.command, created=rep.now(), config=cfg.model_dump(),
         environment=rep.environment(str(sess.device), sess.accelerator.num_processes, cfg.precision),
-        data=data_info(sess.data),
+        data=data_info(sess.data, sess.corruption),
         teacher=model_info(sess.teacher_info) if sess.teacher_info else None,
         student=rep.ModelInfo(**{**model_info(sess.student_info).model_dump(), "source": sess.student_info.source,
                                  "path": str(out / MODEL_FILE), "sha256": ckpt.sha256(out / MODEL_FILE)}),

@@ -1,0 +1,58 @@
+"""Corruption wired into train/distill: the labels the loop trains on, the report block, the diagnostics."""
+
+import tempfile
+
+import numpy as np
+import pytest
+
+from kdcli.config import RunConfig
+from kdcli.data import corruption as cor
+from kdcli.engine import loop
+from kdcli.engine.report import Report
+from tests.test_cli import fails, kdcli
+
+
+def test_the_loop_trains_on_exactly_the_corrupted_labels():
+    cfg = RunConfig(command="train", student="cifar_resnet8", dataset="synthetic:8:4:400", out=tempfile.mkdtemp(),
+                    noise="pairflip:0.3", imbalance="step:5:0.5", corruption_seed=7)
+    sess = loop.build(cfg)
+    clean = np.array(sess.data.training_labels()[0])
+    index = np.arange(len(clean))
+    keep = cor.keep_mask(cor.parse_imbalance("step:5:0.5", 4), clean, index, 4, seed=7)
+    noisy = cor.noisy_labels(cor.parse_noise("pairflip:0.3", 4), clean, index, 4, seed=7)
+    items = [sess.data.train_dataset(train=False)[i] for i in range(sess.data.num_train)]
+    assert sorted(it["index"] for it in items) == list(np.nonzero(keep)[0])  # original indices survive
+    assert all(it["label"] == noisy[it["index"]] for it in items)
+    assert sess.data.num_train == int(keep.sum()) < len(clean)
+    block = sess.corruption
+    assert block["noise"] == "pairflip:0.3" and block["imbalance"] == "step:5:0.5" and block["seed"] == 7
+    assert block["class_counts_after"] == cor.class_counts(noisy[keep], 4)
+    assert 0.2 < block["noise_rate"] < 0.4
+    # the evaluation split is never corrupted
+    ev = sess.data.eval_dataset()
+    assert len(ev) == sess.data.num_eval and ev.rows is None and ev.labels is None
+
+
+def test_a_noisy_run_reports_corruption_and_memorisation(tmp_path):
+    kdcli("train", "--model", "cifar_resnet8", "--dataset", "synthetic:8:4:400", "--epochs", "1", "--batch-size",
+          "32", "--noise", "symmetric:0.4", "--out", tmp_path)
+    rep = Report.model_validate_json((tmp_path / "report.json").read_text())
+    c = rep.data.corruption
+    assert c["noise"] == "symmetric:0.4" and abs(c["noise_rate"] - 0.4) < 0.08
+    assert np.allclose(np.array(c["transition_matrix"]).sum(1), 1.0)
+    d = c["diagnostics"]
+    assert d["num_noisy"] == c["num_changed"] and d["num_noisy"] + d["num_clean"] == rep.data.num_train == 400
+    assert d["memorised"] + d["corrected"] + d["other"] == pytest.approx(1.0)
+    assert rep.config["noise"] == "symmetric:0.4"  # the run can be repeated from its report
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--noise", "symmetric:1.5"], "symmetric:1.5"),
+    (["--noise", "gaussian:0.1"], "gaussian"),
+    (["--imbalance", "longtail:0.5"], "longtail:0.5"),
+    (["--noise", "symmetric:0.2", "--streaming"], "not supported yet"),
+])
+def test_bad_corruption_options_are_one_line(args, expected, tmp_path, capsys):
+    err = fails(capsys, "train", "--model", "cifar_resnet8", "--dataset", "synthetic:8:4:64", *args,
+                "--out", tmp_path / "r")
+    assert expected in err
