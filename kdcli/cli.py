@@ -237,6 +237,31 @@ def evaluate(
         console.print(f"wrote {out}")
 
 
+@app.command("corrupt-dataset")
+def corrupt_dataset(
+    dataset: Annotated[str, typer.Option(help="source dataset (as for train)")],
+    out: Annotated[Path, typer.Option(help="folder to write: parquet splits + manifest.json")],
+    noise: Noise = None,
+    imbalance: Imbalance = None,
+    corruption_seed: CorruptionSeed = 0,
+    class_order: ClassOrder = None,
+    split: Annotated[str | None, typer.Option(help="split to corrupt [default: train]")] = None,
+    eval_split: EvalSplit = None,
+    image_column: ImageColumn = None,
+    label_column: LabelColumn = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Write a corrupted copy of a dataset (noisy labels and/or imbalance) that --dataset DIR reads back."""
+    from kdcli.data.export import corrupt_dataset as export
+
+    m = export(dataset, out, noise=noise, imbalance=imbalance, seed=corruption_seed, class_order=class_order,
+               split=split, eval_split=eval_split, image_column=image_column, label_column=label_column,
+               overwrite=overwrite)
+    c = m["corruption"]
+    console.print(f"wrote {out}: {m['num_train']} training examples (noise rate {100 * c['noise_rate']:.1f}%), "
+                  f"{m['num_eval']} clean evaluation examples; see {out}/manifest.json")
+
+
 @app.command("methods")
 def list_methods() -> None:
     """List the registered methods: name, family, what it mimics, default arguments."""

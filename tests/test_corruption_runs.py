@@ -56,3 +56,33 @@ def test_bad_corruption_options_are_one_line(args, expected, tmp_path, capsys):
     err = fails(capsys, "train", "--model", "cifar_resnet8", "--dataset", "synthetic:8:4:64", *args,
                 "--out", tmp_path / "r")
     assert expected in err
+
+
+def test_corrupt_dataset_writes_what_a_run_would_train_on_and_reads_back(tmp_path, capsys):
+    import json
+
+    from datasets import load_dataset
+    out = tmp_path / "c"
+    kdcli("corrupt-dataset", "--dataset", "synthetic:8:4:300", "--noise", "symmetric:0.3", "--imbalance",
+          "longtail:4", "--corruption-seed", "3", "--out", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["corruption"]["noise"] == "symmetric:0.3" and manifest["source"]["dataset"] == "synthetic:8:4:300"
+    train = load_dataset(str(out), split="train")
+    assert set(train.column_names) == {"image", "label", "clean_label", "noisy", "source_index"}
+    # the same spec and seed in a run gives the very same labels for the very same source rows
+    cfg = RunConfig(command="train", student="cifar_resnet8", dataset="synthetic:8:4:300", out=str(tmp_path / "x"),
+                    noise="symmetric:0.3", imbalance="longtail:4", corruption_seed=3)
+    data = loop.build(cfg).data
+    clean, noisy = data.training_labels()
+    src = np.array(train["source_index"])
+    assert sorted(src) == list(data._rows)
+    assert list(train["label"]) == list(noisy[src]) and list(train["clean_label"]) == list(clean[src])
+    assert list(train["noisy"]) == list(noisy[src] != clean[src])
+    assert manifest["num_train"] == len(train) == data.num_train
+    # a run reads the folder back: the corrupted training split, the clean test split
+    kdcli("train", "--model", "cifar_resnet8", "--dataset", out, "--epochs", "1", "--out", tmp_path / "run")
+    rep = Report.model_validate_json((tmp_path / "run" / "report.json").read_text())
+    assert rep.data.num_train == len(train) and rep.data.eval_split == "test" and rep.data.num_eval == 60
+    assert "exists" in fails(capsys, "corrupt-dataset", "--dataset", "synthetic:8:4:300", "--noise", "pairflip:0.1",
+                             "--out", out)
+    assert "nothing to do" in fails(capsys, "corrupt-dataset", "--dataset", "digits", "--out", tmp_path / "y")
