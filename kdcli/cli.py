@@ -206,6 +206,11 @@ def evaluate(
     label_column: LabelColumn = None,
     precision: Precision = "fp32",
     workers: Workers = None,
+    noise: Annotated[str | None, typer.Option(
+        help="evaluate on a noisy copy of the split (like train's --noise)")] = None,
+    imbalance: Annotated[str | None, typer.Option(help="evaluate on an imbalanced copy of the split")] = None,
+    corruption_seed: CorruptionSeed = 0,
+    class_order: ClassOrder = None,
     out: Annotated[Path | None, typer.Option(help="write the metrics as JSON to this file")] = None,
 ) -> None:
     """Evaluate a checkpoint: top-1, top-5, NLL, ECE, per-class top-1, agreement with a teacher."""
@@ -217,7 +222,8 @@ def evaluate(
     result = loop.evaluate_checkpoint(checkpoint, dataset, split=split, teacher=teacher,
                                       teacher_weights=teacher_weights, batch_size=batch_size,
                                       image_column=image_column, label_column=label_column,
-                                      precision=precision, workers=workers)
+                                      precision=precision, workers=workers, noise=noise, imbalance=imbalance,
+                                      corruption_seed=corruption_seed, class_order=class_order)
     m = result.metrics.final
     table = Table(title=f"{checkpoint} on {dataset} [{result.data.eval_split}]")
     table.add_column("metric")

@@ -86,3 +86,21 @@ def test_corrupt_dataset_writes_what_a_run_would_train_on_and_reads_back(tmp_pat
     assert "exists" in fails(capsys, "corrupt-dataset", "--dataset", "synthetic:8:4:300", "--noise", "pairflip:0.1",
                              "--out", out)
     assert "nothing to do" in fails(capsys, "corrupt-dataset", "--dataset", "digits", "--out", tmp_path / "y")
+
+
+def test_evaluate_can_corrupt_its_split_when_asked(tmp_path, capsys):
+    kdcli("train", "--model", "cifar_resnet8", "--dataset", "synthetic:8:4:200", "--epochs", "1",
+          "--out", tmp_path / "m")
+    ckpt = tmp_path / "m" / "model.safetensors"
+    kdcli("evaluate", ckpt, "--dataset", "synthetic:8:4:200", "--out", tmp_path / "clean.json")
+    kdcli("evaluate", ckpt, "--dataset", "synthetic:8:4:200", "--noise", "symmetric:1.0", "--out", tmp_path / "n.json")
+    from kdcli.engine.report import EvalReport
+    clean = EvalReport.model_validate_json((tmp_path / "clean.json").read_text())
+    noisy = EvalReport.model_validate_json((tmp_path / "n.json").read_text())
+    assert clean.data.corruption is None  # by default evaluation data is never corrupted
+    assert noisy.data.corruption["noise_rate"] == 1.0 and noisy.data.corruption["noise"] == "symmetric:1.0"
+    # every label moved to another class: a model at top-1 a on clean labels is right at most 1 - a now
+    assert noisy.metrics.final.top1 <= 1 - clean.metrics.final.top1 + 1e-6
+    kdcli("evaluate", ckpt, "--dataset", "synthetic:8:4:200", "--imbalance", "longtail:4", "--out", tmp_path / "i.json")
+    imb = EvalReport.model_validate_json((tmp_path / "i.json").read_text())
+    assert imb.metrics.final.num_examples == imb.data.num_eval < clean.data.num_eval

@@ -136,32 +136,31 @@ class DataBundle:
     _rows: Any = field(default=None, repr=False, compare=False)  # kept training rows (imbalance)
     _noisy: Any = field(default=None, repr=False, compare=False)  # training labels by row (noise)
     clean_labels: Any = field(default=None, repr=False, compare=False)  # the uncorrupted training labels
+    _eval_rows: Any = field(default=None, repr=False, compare=False)  # evaluation split, when corrupted on request
+    _eval_labels: Any = field(default=None, repr=False, compare=False)
 
     def corrupt(self, noise: str | None, imbalance: str | None, seed: int = 0,
-                class_order: str | None = None) -> dict[str, Any]:
-        """Corrupt the training split's labels (noise) and class balance (imbalance); returns the report block.
+                class_order: str | None = None, split: str = "train") -> dict[str, Any]:
+        """Corrupt the labels (noise) and class balance (imbalance) of the training split (or, when asked,
+        the evaluation split: ``split="eval"``); returns the report block.
 
         Each decision is a pure function of (seed, original index, label): see ``kdcli.data.corruption``.
         """
         from kdcli.data import corruption as cor
 
+        if split == "eval":
+            clean = _label_array(self._eval, self.label_column).astype(np.int64)
+            keep, noisy, block = _corrupt_labels(cor, clean, self.num_classes, noise, imbalance, seed, class_order)
+            self._eval_rows, self._eval_labels = np.nonzero(keep)[0], noisy
+            self.num_eval = int(keep.sum())
+            return block
         if self.streaming:
             raise KdcliError("--noise/--imbalance with --streaming is not supported yet; drop --streaming, or "
                              "write a corrupted copy with `kdcli corrupt-dataset` and stream that")
-        c = self.num_classes
-        n_spec = cor.parse_noise(noise, c) if noise else None
-        i_spec = cor.parse_imbalance(imbalance, c, class_order) if imbalance else None
         clean = _label_array(self._train, self.label_column).astype(np.int64)
-        index = np.arange(len(clean))
-        keep = cor.keep_mask(i_spec, clean, index, c, seed) if i_spec else np.ones(len(clean), dtype=bool)
-        noisy = cor.noisy_labels(n_spec, clean, index, c, seed) if n_spec else clean.copy()
+        keep, noisy, block = _corrupt_labels(cor, clean, self.num_classes, noise, imbalance, seed, class_order)
         self._rows, self._noisy, self.clean_labels = np.nonzero(keep)[0], noisy, clean
         self.num_train = int(keep.sum())
-        block = {"noise": n_spec.text if n_spec else None, "imbalance": i_spec.text if i_spec else None,
-                 "seed": seed, "class_order": class_order,
-                 "class_counts_before": cor.class_counts(clean, c),
-                 "class_counts_after": cor.class_counts(noisy[keep], c)}
-        block.update(cor.noise_report(clean[keep], noisy[keep], c))
         return block
 
     def training_labels(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -226,7 +225,24 @@ class DataBundle:
 
     def eval_dataset(self) -> ImageClassificationDataset:
         """The evaluation split: map-style, known length, no augmentation."""
-        return ImageClassificationDataset(self._eval, self.image_column, self.label_column, self._transform(False))
+        return ImageClassificationDataset(self._eval, self.image_column, self.label_column, self._transform(False),
+                                          rows=self._eval_rows, labels=self._eval_labels)
+
+
+def _corrupt_labels(cor, clean: np.ndarray, c: int, noise: str | None, imbalance: str | None, seed: int,
+                    class_order: str | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(kept rows mask, labels by row, report block) for one split's clean labels."""
+    n_spec = cor.parse_noise(noise, c) if noise else None
+    i_spec = cor.parse_imbalance(imbalance, c, class_order) if imbalance else None
+    index = np.arange(len(clean))
+    keep = cor.keep_mask(i_spec, clean, index, c, seed) if i_spec else np.ones(len(clean), dtype=bool)
+    noisy = cor.noisy_labels(n_spec, clean, index, c, seed) if n_spec else clean.copy()
+    block = {"noise": n_spec.text if n_spec else None, "imbalance": i_spec.text if i_spec else None,
+             "seed": seed, "class_order": class_order,
+             "class_counts_before": cor.class_counts(clean, c),
+             "class_counts_after": cor.class_counts(noisy[keep], c)}
+    block.update(cor.noise_report(clean[keep], noisy[keep], c))
+    return keep, noisy, block
 
 
 # ----------------------------------------------------------------------------------------------------------

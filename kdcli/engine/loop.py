@@ -510,14 +510,18 @@ def finish(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | None
 def evaluate_checkpoint(checkpoint: str, dataset: str, *, split: str | None = None, teacher: str | None = None,
                         teacher_weights: str | None = None, batch_size: int = 128, image_column: str | None = None,
                         label_column: str | None = None, precision: str = "fp32",
-                        workers: int | None = None) -> rep.EvalReport:
-    """Metrics of a kdcli checkpoint on a dataset split (never corrupted), optionally against a teacher."""
+                        workers: int | None = None, noise: str | None = None, imbalance: str | None = None,
+                        corruption_seed: int = 0, class_order: str | None = None) -> rep.EvalReport:
+    """Metrics of a kdcli checkpoint on a dataset split, optionally against a teacher. The split is used as
+    it is, unless ``noise``/``imbalance`` ask for it to be corrupted (then the report says how)."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise KdcliError(f"checkpoint {checkpoint} does not exist")
     meta = ckpt.read_meta(path, "--model")
     data = open_data(dataset, image_size=meta.input_size, image_column=image_column, label_column=label_column,
                      eval_split=split, augment="none")
+    corruption = (data.corrupt(noise, imbalance, corruption_seed, class_order, split="eval")
+                  if noise or imbalance else None)
     facts = data_facts(data)
     loaded = models.load(str(path), facts)
     t_loaded = models.load(teacher, facts, weights=teacher_weights, option="--teacher") if teacher else None
@@ -533,6 +537,6 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, *, split: str | None = No
                    None, None, loader, loaded, t_loaded, frozenset({"logits"}))
     metrics = sess.evaluate()
     return rep.EvalReport(created=rep.now(), checkpoint=model_info(loaded),
-                          teacher=model_info(t_loaded) if t_loaded else None, data=data_info(data),
+                          teacher=model_info(t_loaded) if t_loaded else None, data=data_info(data, corruption),
                           environment=rep.environment(str(accelerator.device), accelerator.num_processes, precision),
                           metrics=rep.MetricsBlock(final=metrics))
