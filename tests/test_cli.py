@@ -195,6 +195,9 @@ TWO_PROCESS_RUNS = {
     # an online peer: two wrapped models, and a peer evaluation that every process joins
     "dml": (["distill", "--teacher", "cifar_resnet14", "--student", "cifar_resnet8", "--method", "dml"],
             ["model.safetensors", "peer.safetensors", "report.json", "resume"]),
+    # corrupted labels: each process derives the same labels; the diagnostics gather every example once
+    "noise": (["train", "--model", "cifar_resnet8", "--noise", "symmetric:0.4", "--imbalance", "longtail:2"],
+              ["model.safetensors", "report.json", "resume"]),
 }
 
 
@@ -214,4 +217,11 @@ def test_two_process_cpu_run_with_accelerate_launch(run, tmp_path):
     assert rep.environment.world_size == 2
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == expected_files
     assert proc.stdout.count("done:") == 1  # one process reports
+    if rep.data.corruption is not None:
+        from kdcli.data import open_data
+        one = open_data("synthetic:8:4:128").corrupt("symmetric:0.4", "longtail:2")
+        got = rep.data.corruption
+        assert {k: got[k] for k in one} == one  # the same labels as a single process derives
+        d = got["diagnostics"]
+        assert d["num_noisy"] + d["num_clean"] == rep.data.num_train and d["num_noisy"] == got["num_changed"]
     assert Path(tmp_path / "ddp" / "model.safetensors").stat().st_size > 0
