@@ -62,17 +62,30 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
 class _StreamExample:
     """Picklable ``IterableDataset.map`` function: a raw example -> ``{"image", "label", "index"}``."""
 
-    def __init__(self, image_column: str, label_column: str, transform: ImageTransform):
+    def __init__(self, image_column: str, label_column: str, transform: ImageTransform,
+                 labels: np.ndarray | None = None):
         self.image_column = image_column
         self.label_column = label_column
         self.transform = transform
+        self.labels = labels  # corrupted labels by original row index, if any
 
     def __call__(self, example: dict) -> dict[str, Any]:
+        index = int(example[INDEX_COLUMN])
         return {
             "image": self.transform(example[self.image_column]),
-            "label": int(example[self.label_column]),
-            "index": int(example[INDEX_COLUMN]),
+            "label": int(example[self.label_column] if self.labels is None else self.labels[index]),
+            "index": index,
         }
+
+
+class _KeptRow:
+    """Picklable ``IterableDataset.filter`` predicate: is this original row kept (imbalance)?"""
+
+    def __init__(self, keep: np.ndarray):
+        self.keep = keep
+
+    def __call__(self, example: dict) -> bool:
+        return bool(self.keep[int(example[INDEX_COLUMN])])
 
 
 def _enumerate_rows(source):
@@ -154,9 +167,11 @@ class DataBundle:
             self._eval_rows, self._eval_labels = np.nonzero(keep)[0], noisy
             self.num_eval = int(keep.sum())
             return block
-        if self.streaming:
-            raise KdcliError("--noise/--imbalance with --streaming is not supported yet; drop --streaming, or "
-                             "write a corrupted copy with `kdcli corrupt-dataset` and stream that")
+        import datasets
+
+        if self.streaming and not isinstance(self._train, datasets.Dataset):
+            raise KdcliError("--noise/--imbalance with --streaming work for built-in and save_to_disk data only "
+                             "so far; drop --streaming, or write a corrupted copy with `kdcli corrupt-dataset`")
         clean = _label_array(self._train, self.label_column).astype(np.int64)
         keep, noisy, block = _corrupt_labels(cor, clean, self.num_classes, noise, imbalance, seed, class_order)
         self._rows, self._noisy, self.clean_labels = np.nonzero(keep)[0], noisy, clean
@@ -205,13 +220,17 @@ class DataBundle:
         from datasets.distributed import split_dataset_by_node
 
         stream = self._indexed_stream()
+        if self._rows is not None and len(self._rows) < len(self._noisy):  # imbalance: drop the rows not kept
+            keep = np.zeros(len(self._noisy), dtype=bool)
+            keep[self._rows] = True
+            stream = stream.filter(_KeptRow(keep))
         if train:
             stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
         if world_size > 1:
             stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
         outputs = ("image", "label", INDEX_COLUMN)
         stream = stream.map(
-            _StreamExample(self.image_column, self.label_column, self._transform(train)),
+            _StreamExample(self.image_column, self.label_column, self._transform(train), labels=self._noisy),
             remove_columns=[c for c in (self.image_column, self.label_column) if c not in outputs] or None,
         )
         if train:
