@@ -251,7 +251,8 @@ def corrupt_dataset(
     imbalance: Imbalance = None,
     corruption_seed: CorruptionSeed = 0,
     class_order: ClassOrder = None,
-    split: Annotated[str | None, typer.Option(help="split to corrupt [default: train]")] = None,
+    split: Annotated[str | None, typer.Option(
+        "--split", "--train-split", help="split to corrupt [default: train]")] = None,
     eval_split: EvalSplit = None,
     image_column: ImageColumn = None,
     label_column: LabelColumn = None,

@@ -225,3 +225,15 @@ def test_two_process_cpu_run_with_accelerate_launch(run, tmp_path):
         d = got["diagnostics"]
         assert d["num_noisy"] + d["num_clean"] == rep.data.num_train and d["num_noisy"] == got["num_changed"]
     assert Path(tmp_path / "ddp" / "model.safetensors").stat().st_size > 0
+
+
+def test_evaluate_takes_a_run_folder_and_refuses_other_folders(runs, tmp_path, capsys):
+    kdcli("evaluate", runs / "ce", "--dataset", "digits", "--out", tmp_path / "e.json")
+    assert EvalReport.model_validate_json((tmp_path / "e.json").read_text()).checkpoint.name == "cifar_resnet8"
+    assert "nor a run folder" in fails(capsys, "evaluate", tmp_path, "--dataset", "digits")
+
+
+def test_an_unreadable_resume_state_is_one_line(tmp_path, capsys):
+    (tmp_path / "r" / "resume").mkdir(parents=True)
+    (tmp_path / "r" / "resume" / "progress.json").write_text("{not json")
+    assert "unreadable" in fails(capsys, "train", "--resume", tmp_path / "r")

@@ -124,3 +124,12 @@ def test_streamed_and_map_style_training_see_the_same_corrupted_labels():
             [data.train_dataset(train=False)[i] for i in range(data.num_train)]
         pairs[streaming] = sorted((int(it["index"]), int(it["label"])) for it in items)
     assert pairs[True] == pairs[False] and len(pairs[True]) < 300
+
+
+def test_corrupt_dataset_names_its_split_option_in_errors(tmp_path, capsys):
+    err = fails(capsys, "corrupt-dataset", "--dataset", "digits", "--noise", "symmetric:0.2", "--split", "nope",
+                "--out", tmp_path / "c")
+    assert "no split 'nope'" in err and "--train-split" in err  # --train-split is an alias of --split
+    kdcli("corrupt-dataset", "--dataset", "digits", "--noise", "symmetric:0.2", "--train-split", "train",
+          "--out", tmp_path / "c")
+    assert (tmp_path / "c" / "manifest.json").is_file()

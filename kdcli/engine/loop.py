@@ -80,8 +80,12 @@ def clear_out_dir(out: Path) -> None:
 def resumed_config(out: Path) -> RunConfig:
     """The configuration an interrupted run in ``out`` was started with."""
     check_out_dir(out, overwrite=False, resume=True)
-    progress = json.loads((out / RESUME_DIR / "progress.json").read_text())
-    return RunConfig.model_validate(progress["config"])
+    try:
+        progress = json.loads((out / RESUME_DIR / "progress.json").read_text())
+        return RunConfig.model_validate(progress["config"])
+    except (ValueError, KeyError) as e:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
+        raise KdcliError(f"{out}/{RESUME_DIR}/progress.json is unreadable ({str(e).splitlines()[0][:120]}); "
+                         "start again with --overwrite") from None
 
 
 # ----------------------------------------------------------------------------- building
@@ -515,8 +519,10 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, *, split: str | None = No
     """Metrics of a kdcli checkpoint on a dataset split, optionally against a teacher. The split is used as
     it is, unless ``noise``/``imbalance`` ask for it to be corrupted (then the report says how)."""
     path = Path(checkpoint).expanduser()
+    if path.is_dir() and (path / MODEL_FILE).is_file():  # a run folder stands for its checkpoint
+        path = path / MODEL_FILE
     if not path.is_file():
-        raise KdcliError(f"checkpoint {checkpoint} does not exist")
+        raise KdcliError(f"checkpoint {checkpoint} is not a file (nor a run folder holding {MODEL_FILE})")
     meta = ckpt.read_meta(path, "--model")
     data = open_data(dataset, image_size=meta.input_size, image_column=image_column, label_column=label_column,
                      eval_split=split, augment="none")
