@@ -50,17 +50,8 @@ def test_a_noisy_run_reports_corruption_and_memorisation(tmp_path):
     (["--noise", "symmetric:1.5"], "symmetric:1.5"),
     (["--noise", "gaussian:0.1"], "gaussian"),
     (["--imbalance", "longtail:0.5"], "longtail:0.5"),
-    (["--noise", "symmetric:0.2", "--streaming", "--dataset", "FOLDER"], "built-in and save_to_disk data only"),
 ])
 def test_bad_corruption_options_are_one_line(args, expected, tmp_path, capsys):
-    if "FOLDER" in args:  # a true stream: local parquet files read with load_dataset(streaming=True)
-        from kdcli.data import open_data
-        data = open_data("synthetic:8:4:64")
-        (tmp_path / "pq").mkdir()
-        data._train.to_parquet(str(tmp_path / "pq" / "train-00000-of-00001.parquet"))
-        data._eval.to_parquet(str(tmp_path / "pq" / "test-00000-of-00001.parquet"))
-        args = [str(tmp_path / "pq") if a == "FOLDER" else a for a in args]
-        capsys.readouterr()  # datasets' own progress bars are not kdcli's output
     err = fails(capsys, "train", "--model", "cifar_resnet8", "--dataset", "synthetic:8:4:64", *args,
                 "--out", tmp_path / "r")
     assert expected in err
@@ -124,6 +115,41 @@ def test_streamed_and_map_style_training_see_the_same_corrupted_labels():
             [data.train_dataset(train=False)[i] for i in range(data.num_train)]
         pairs[streaming] = sorted((int(it["index"]), int(it["label"])) for it in items)
     assert pairs[True] == pairs[False] and len(pairs[True]) < 300
+
+
+def _parquet_copy(root, spec="synthetic:8:4:300"):
+    from kdcli.data import open_data
+    data = open_data(spec)
+    root.mkdir()
+    data._train.to_parquet(str(root / "train-00000-of-00001.parquet"))
+    data._eval.to_parquet(str(root / "test-00000-of-00001.parquet"))
+    return str(root)
+
+
+def test_a_true_stream_is_corrupted_like_its_map_style_copy(tmp_path, capsys):
+    """Local parquet read with load_dataset(streaming=True): one pass over the labels, then the same
+    (index, label) pairs and the same report block as the same files read map-style."""
+    from kdcli.data import open_data
+    folder = _parquet_copy(tmp_path / "pq")
+    pairs, blocks = {}, {}
+    for streaming in (False, True):
+        data = open_data(folder, streaming=streaming)
+        assert data.source == "local" and data.streaming == streaming
+        blocks[streaming] = data.corrupt("pairflip:0.3", "step:5:0.5", seed=2)
+        assert data.num_train == len(data._rows) < 300
+        items = list(data.train_dataset(train=False)) if streaming else \
+            [data.train_dataset(train=False)[i] for i in range(data.num_train)]
+        pairs[streaming] = sorted((int(it["index"]), int(it["label"])) for it in items)
+    assert pairs[True] == pairs[False] and blocks[True] == blocks[False]
+    assert blocks[True]["noise_rate"] > 0.2
+    # and a run on the stream reports it, diagnostics included
+    capsys.readouterr()
+    kdcli("train", "--model", "cifar_resnet8", "--dataset", folder, "--streaming", "--noise", "symmetric:0.4",
+          "--epochs", "1", "--batch-size", "64", "--out", tmp_path / "run")
+    rep = Report.model_validate_json((tmp_path / "run" / "report.json").read_text())
+    c = rep.data.corruption
+    assert c["noise"] == "symmetric:0.4" and rep.data.num_train == 300
+    assert c["diagnostics"]["num_noisy"] + c["diagnostics"]["num_clean"] == 300
 
 
 def test_corrupt_dataset_names_its_split_option_in_errors(tmp_path, capsys):

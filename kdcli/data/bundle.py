@@ -151,6 +151,7 @@ class DataBundle:
     clean_labels: Any = field(default=None, repr=False, compare=False)  # the uncorrupted training labels
     _eval_rows: Any = field(default=None, repr=False, compare=False)  # evaluation split, when corrupted on request
     _eval_labels: Any = field(default=None, repr=False, compare=False)
+    _label_source: Any = field(default=None, repr=False, compare=False)  # a true stream's label column, in order
 
     def corrupt(self, noise: str | None, imbalance: str | None, seed: int = 0,
                 class_order: str | None = None, split: str = "train") -> dict[str, Any]:
@@ -169,14 +170,31 @@ class DataBundle:
             return block
         import datasets
 
-        if self.streaming and not isinstance(self._train, datasets.Dataset):
-            raise KdcliError("--noise/--imbalance with --streaming work for built-in and save_to_disk data only "
-                             "so far; drop --streaming, or write a corrupted copy with `kdcli corrupt-dataset`")
-        clean = _label_array(self._train, self.label_column).astype(np.int64)
+        if self.streaming and not isinstance(self._train, datasets.Dataset):  # a true stream (hub, parquet)
+            clean = self._stream_labels()
+        else:
+            clean = _label_array(self._train, self.label_column).astype(np.int64)
         keep, noisy, block = _corrupt_labels(cor, clean, self.num_classes, noise, imbalance, seed, class_order)
         self._rows, self._noisy, self.clean_labels = np.nonzero(keep)[0], noisy, clean
         self.num_train = int(keep.sum())
         return block
+
+    def _stream_labels(self) -> np.ndarray:
+        """The clean labels of a true stream, by row index: one pass over its label column.
+
+        Noise alone could be decided per example as rows stream by, but imbalance needs every class's size
+        up front, and the report's measured rate and matrix need every label: so one pass it is (only the
+        label column is kept; images are not decoded).
+        """
+        labels = np.fromiter((int(row[self.label_column]) for row in self._label_source), dtype=np.int64)
+        if len(labels) == 0:
+            raise KdcliError(f"the {self.train_split!r} split of dataset {self.name!r} is empty: "
+                             "pass another --train-split")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise KdcliError(
+                f"the {self.train_split!r} split of dataset {self.name!r} has labels outside 0..{self.num_classes - 1} "
+                f"(min {labels.min()}, max {labels.max()}; -1 usually means unlabelled): pick another split")
+        return labels
 
     def training_labels(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(clean, corrupted) labels by original row index, when the training split was corrupted."""
@@ -328,12 +346,14 @@ def open_data(
     if augment == "auto":
         augment = raw.default_augment
 
+    label_source = None
     if raw.streamed:
         import datasets
 
         # one shard read in order, so that the row index is the position in the split (shards of a hub
         # or parquet stream have no known offsets); shuffling and node splitting come after
         stream = train.decode(False)
+        label_source = stream.select_columns([label_col])
         train = datasets.IterableDataset.from_generator(
             _enumerate_rows,
             features=_with_index_features(stream.features, image_col),
@@ -361,6 +381,7 @@ def open_data(
         shuffle_buffer=shuffle_buffer,
         _train=train,
         _eval=eval_,
+        _label_source=label_source,
     )
 
 
