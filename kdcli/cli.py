@@ -285,6 +285,85 @@ def list_methods() -> None:
     console.print(table)
 
 
+@app.command()
+def study(
+    spec: Annotated[Path | None, typer.Argument(help="study spec, YAML or TOML (or use --preset)")] = None,
+    out: Annotated[Path | None, typer.Option(help="study folder: runs/, results.json/.csv/.md, plots/")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="a built-in spec: digits-noise | digits-imbalance | cifar10-noise")] = None,
+    jobs: Annotated[int, typer.Option(help="runs at a time, each in its own process")] = 1,
+    print_commands: Annotated[bool, typer.Option(
+        help="print one `kdcli …` line per run that can start now (for any scheduler), and run nothing")] = False,
+) -> None:
+    """Run a whole comparison: teachers, a CE student and one student per method, for every corruption
+    setting and seed; then aggregate (mean ± std over seeds, gain over CE) into tables and plots.
+    Run it again to skip finished runs and resume interrupted ones."""
+    from kdcli.study import execute, plan, results
+    from kdcli.study import spec as study_spec
+
+    if out is None:
+        raise KdcliError("missing option --out DIR (the study folder)")
+    if jobs < 1:
+        raise KdcliError(f"invalid --jobs {jobs}: must be at least 1")
+    parsed, text = study_spec.load(spec, preset)
+    runs = plan.plan(parsed, out)
+    plan.check(parsed, runs)
+    states = {run.out: run.state() for run in runs}
+    finished = {o for o, s in states.items() if s == "done"}
+    todo = [r for r in runs if states[r.out] != "done"]
+    if print_commands:
+        ready = [r for r in todo if r.needs is None or r.needs.out in finished]
+        for run in ready:
+            print(plan.shell(run.command()))
+        if len(ready) < len(todo):
+            err_console.print(f"# {len(todo) - len(ready)} more runs wait for teachers that have not finished; "
+                              "print the commands again once these are done", highlight=False)
+        return
+    from kdcli.models.checkpoint import write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / ("spec.toml" if spec is not None and spec.suffix.lower() == ".toml" else "spec.yaml"), text)
+    interrupted = sum(s == "interrupted" for s in states.values())
+    console.print(f"study {parsed.name or out}: {len(runs)} runs, {len(finished)} finished, {interrupted} to resume, "
+                  f"{len(todo) - interrupted} to start ({jobs} at a time)", highlight=False)
+    summary = execute.execute(todo, finished, jobs=jobs, console=console)
+    res = results.write_study(out, runs, parsed)
+    console.print(results.study_markdown(res, parsed), highlight=False, markup=False, soft_wrap=True)
+    console.print(f"wrote {out}/results.json, results.csv, results.md and {len(res['plots'])} plots in {out}/plots",
+                  highlight=False)
+    if summary.failed or summary.skipped:
+        first, why = summary.failed[0]
+        raise KdcliError(f"{len(summary.failed)} runs failed and {len(summary.skipped)} were skipped (their teacher "
+                         f"failed), e.g. {first.name}: {why}; see its log.txt, fix, and run the study again")
+
+
+@app.command()
+def compare(
+    paths: Annotated[list[Path], typer.Argument(help="report.json files, or folders searched for them")],
+    format: Annotated[str, typer.Option("--format", help="table | md | csv")] = "table",
+) -> None:
+    """Compare runs: top-1 mean ± std over seeds, grouped by the settings that differ, with the gain
+    over the CE run of the same setting."""
+    from kdcli.study import results
+
+    if format not in ("table", "md", "csv"):
+        raise KdcliError(f"invalid --format {format!r}: use table, md or csv")
+    keys, groups = results.compare_groups(results.collect_reports(paths))
+    header, body = results.compare_table(keys, groups)
+    if format == "md":
+        print(results.markdown(header, body), end="")
+    elif format == "csv":
+        print(results.rows_csv([dict(zip(header, row, strict=True)) for row in body], header), end="")
+    else:
+        table = Table(title=f"{sum(g['n'] for g in groups)} runs, grouped by "
+                            f"{', '.join(keys) or 'nothing (they agree on every setting)'}")
+        for i, col in enumerate(header):
+            table.add_column(col, justify="right" if i >= len(keys) else "left", overflow="fold")
+        for row in body:
+            table.add_row(*row)
+        console.print(table)
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"kdcli {__version__}")

@@ -1,0 +1,158 @@
+"""Running a study's pending runs: one at a time in this process, or ``jobs`` at a time in worker processes.
+
+A run is an ordinary ``loop.run``: it writes its own folder, log and report. Finished runs are skipped,
+interrupted ones resumed, and a student starts only once its teacher has finished. A run that fails
+(a KdcliError such as a diverged loss) is recorded and the study goes on without the runs that need it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from kdcli.study.plan import LOG_FILE, Run
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    top1: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class Summary:
+    finished: list[Run] = field(default_factory=list)
+    failed: list[tuple[Run, str]] = field(default_factory=list)
+    skipped: list[Run] = field(default_factory=list)  # their teacher failed
+
+
+def run_one(cfg_json: str, resume: bool) -> Outcome:
+    """Run (or resume) one configured run in this process; its epoch lines go to the run's log file."""
+    from kdcli.config import RunConfig
+    from kdcli.engine import loop
+    from kdcli.errors import KdcliError
+
+    cfg = RunConfig.model_validate_json(cfg_json)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with open(out / LOG_FILE, "a") as log:
+        console = Console(file=log, width=160, no_color=True)
+        console.print(f"# {'resuming' if resume else 'starting'} {cfg.command} {cfg.method} → {cfg.out}")
+        try:
+            report = loop.run(cfg, resume=resume, console=console)
+        except KdcliError as e:
+            console.print(f"error: {e}")
+            return Outcome(ok=False, seconds=time.time() - started, error=str(e))
+    return Outcome(ok=True, top1=report.metrics.final.top1, seconds=time.time() - started)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+class _Inline:
+    """The executor of ``--jobs 1``: runs each submitted call at once, in this process."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+class _LogTail(ProgressColumn):
+    """The last line a run wrote to its log (its current epoch), read each time the display refreshes."""
+
+    def render(self, task) -> Text:
+        path = task.fields.get("log")
+        if not path:
+            return Text("")
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - 400))
+                lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return Text("")
+        return Text(lines[-1][:100] if lines else "starting", style="dim")
+
+
+def execute(todo: list[Run], finished: set[Path], *, jobs: int, console: Console) -> Summary:
+    """Run ``todo`` (plan order: teachers first); ``finished`` holds the outs of runs already done."""
+    summary = Summary()
+    if not todo:
+        return summary
+    done = set(finished)
+    failed: set[Path] = set()
+    pending = list(todo)
+    running: dict[Future, tuple[Run, int | None]] = {}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pool = _Inline() if jobs == 1 else ProcessPoolExecutor(
+        max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,))
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), _LogTail(), console=console, disable=not console.is_terminal)
+    total = bar.add_task("study", total=len(todo))
+    try:
+        with bar:
+            while pending or running:
+                for run in list(pending):
+                    if len(running) >= jobs:
+                        break
+                    if run.needs is not None and run.needs.out in failed:
+                        pending.remove(run)
+                        summary.skipped.append(run)
+                        bar.advance(total)
+                        console.print(f"skipped {run.name}: its teacher failed", highlight=False)
+                        continue
+                    if run.needs is not None and run.needs.out not in done:
+                        continue
+                    pending.remove(run)
+                    resume = run.state() == "interrupted"
+                    task = bar.add_task(f"  {run.name}", total=None, log=str(run.out / LOG_FILE))
+                    if not console.is_terminal:
+                        console.print(f"{'resuming' if resume else 'running'} {run.name}", highlight=False)
+                    running[pool.submit(run_one, run.cfg.model_dump_json(), resume)] = (run, task)
+                if not running:
+                    if pending:  # cannot happen with plan order (teachers first); never spin
+                        raise RuntimeError(f"no run can start: {pending[0].name} waits for {pending[0].needs.name}")
+                    continue
+                finished_now, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in finished_now:
+                    run, task = running.pop(future)
+                    bar.remove_task(task)
+                    bar.advance(total)
+                    outcome = future.result()
+                    if outcome.ok:
+                        done.add(run.out)
+                        summary.finished.append(run)
+                        console.print(f"done {run.name}: top-1 {100 * outcome.top1:.2f}% "
+                                      f"({outcome.seconds:.0f} s)", highlight=False)
+                    else:
+                        failed.add(run.out)
+                        summary.failed.append((run, outcome.error))
+                        console.print(f"failed {run.name}: {outcome.error}", highlight=False)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return summary

@@ -1,0 +1,284 @@
+"""Results of many runs: one row per report, mean ± std over seeds, the gain over CE, and the tables.
+
+Used by ``kdcli study`` (results.json / .csv / .md for its grid) and ``kdcli compare`` (any set of runs).
+Top-1 is on the clean evaluation split. Std is the sample standard deviation over seeds (n − 1);
+null for a single seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from kdcli.engine.report import Report
+from kdcli.errors import KdcliError
+
+METRICS = ("top1", "best_top1", "nll", "ece", "memorised", "corrected", "clean_train_top1")
+# config keys that vary between repeats of one setting, or only name files: never a grouping key
+NOT_SETTINGS = ("out", "seed", "corruption_seed", "workers", "teacher", "teacher_weights", "student",
+                "student_weights", "command")
+# compare's column order: what the data was, then who learnt, then how; other options after
+FIRST_KEYS = ("dataset", "noise", "imbalance", "student", "teacher", "method", "method_args")
+
+
+def read_report(path: Path) -> Report:
+    try:
+        return Report.model_validate_json(path.read_text())
+    except (OSError, ValueError, ValidationError) as e:
+        first = str(e).splitlines()[0][:120]
+        raise KdcliError(f"{path} is not a kdcli run report ({first})") from None
+
+
+def run_row(report: Report) -> dict[str, Any]:
+    """The facts of one run that results compare: what was trained on what, and how well."""
+    cfg, m = report.config, report.metrics
+    c = report.data.corruption or {}
+    diag = c.get("diagnostics") or {}
+    return {
+        "dataset": cfg["dataset"], "noise": cfg.get("noise"), "imbalance": cfg.get("imbalance"),
+        "seed": cfg["seed"], "method": cfg["method"],
+        "teacher": report.teacher.name if report.teacher else None, "student": report.student.name,
+        "top1": m.final.top1, "best_top1": m.best.top1 if m.best else None, "nll": m.final.nll, "ece": m.final.ece,
+        "memorised": diag.get("memorised"), "corrected": diag.get("corrected"),
+        "clean_train_top1": diag.get("clean_accuracy"), "noise_rate": c.get("noise_rate"),
+        "seconds": report.timing.total_seconds,
+    }
+
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
+    """Rows grouped by ``keys`` (first-seen order): n, seeds, and mean/std of every metric."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[tuple(_hashable(row.get(k)) for k in keys)].append(row)
+    out = []
+    for members in groups.values():
+        g = {k: members[0].get(k) for k in keys}
+        g["n"] = len(members)
+        g["seeds"] = sorted(r["seed"] for r in members)
+        for metric in METRICS:
+            g[f"{metric}_mean"], g[f"{metric}_std"] = mean_std([r.get(metric) for r in members])
+        out.append(g)
+    return out
+
+
+def _hashable(v):
+    return json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v
+
+
+def add_gain(groups: list[dict], baseline_keys: list[str]) -> None:
+    """``gain_over_ce``: top-1 mean minus that of the CE group (method ce, no teacher) that agrees on
+    ``baseline_keys``; None for the baseline itself or when there is none."""
+    base = {tuple(_hashable(g.get(k)) for k in baseline_keys): g["top1_mean"] for g in groups
+            if g.get("method") == "ce" and not g.get("teacher") and g.get("role", "student") == "student"}
+    for g in groups:
+        ce = base.get(tuple(_hashable(g.get(k)) for k in baseline_keys))
+        is_ce = g.get("method") == "ce" and not g.get("teacher")
+        g["gain_over_ce"] = None if ce is None or is_ce or g["top1_mean"] is None else g["top1_mean"] - ce
+
+
+def pct(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return "–"
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def signed(gain: float | None) -> str:
+    return "" if gain is None else f"{100 * gain:+.2f}"
+
+
+# ---------------------------------------------------------------------------------------- study outputs
+
+
+def study_results(runs, spec_dict: dict) -> dict:
+    """Everything ``results.json`` holds: per-run rows, per-cell groups with gain over CE, missing runs."""
+    rows, missing = [], []
+    for run in runs:
+        path = run.out / "report.json"
+        if not path.is_file():
+            missing.append(str(run.out))
+            continue
+        row = run_row(read_report(path))
+        row.update(setting=run.setting, role=run.role, arch=run.arch, teacher_arch=run.teacher_arch,
+                   run=str(run.out))
+        rows.append(row)
+    keys = ["dataset", "setting", "noise", "imbalance", "role", "method", "teacher_arch", "arch"]
+    groups = aggregate(rows, keys)
+    add_gain(groups, ["dataset", "setting", "arch"])
+    for g in groups:  # a teacher is trained without a teacher: it is no baseline, and has no gain
+        if g["role"] == "teacher":
+            g["gain_over_ce"] = None
+    return {"spec": spec_dict, "runs": rows, "groups": groups, "missing": missing}
+
+
+def pair_tables(results: dict, spec) -> list[dict]:
+    """One table per (dataset, pair): rows teacher, ce, methods…; columns the settings."""
+    settings = []
+    for g in results["groups"]:
+        if g["setting"] not in settings:
+            settings.append(g["setting"])
+    tables = []
+    for dataset in spec.dataset:
+        for pair in spec.pairs:
+            from kdcli.study.plan import arch_name
+
+            t, s = arch_name(pair.teacher), arch_name(pair.student)
+
+            def find(role, method, teacher_arch, arch, setting, dataset=dataset):
+                return next((g for g in results["groups"] if g["dataset"] == dataset and g["setting"] == setting
+                             and g["role"] == role and g["method"] == method and g["teacher_arch"] == teacher_arch
+                             and g["arch"] == arch), None)
+
+            rows = [(f"teacher ({t})", [find("teacher", "ce", None, t, st) for st in settings]),
+                    (f"ce ({s})", [find("student", "ce", None, s, st) for st in settings])]
+            rows += [(m, [find("student", m, t, s, st) for st in settings]) for m in spec.methods]
+            tables.append({"dataset": dataset, "teacher": t, "student": s, "settings": settings, "rows": rows})
+    return tables
+
+
+def table_markdown(table: dict) -> str:
+    settings, rows = table["settings"], table["rows"]
+    best = {}
+    for j in range(len(settings)):
+        cells = [cells[j] for _, cells in rows[1:] if cells[j] is not None and cells[j]["top1_mean"] is not None]
+        best[j] = max((c["top1_mean"] for c in cells), default=None)
+    lines = [f"## {table['dataset']}: {table['teacher']} → {table['student']}", "",
+             "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for i, (label, cells) in enumerate(rows):
+        out = []
+        for j, g in enumerate(cells):
+            if g is None:
+                out.append("–")
+                continue
+            text = pct(g["top1_mean"], g["top1_std"])
+            if g.get("gain_over_ce") is not None:
+                text += f" ({signed(g['gain_over_ce'])})"
+            if i > 0 and best[j] is not None and g["top1_mean"] == best[j]:
+                text = f"**{text}**"
+            out.append(text)
+        lines.append(f"| {label} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def study_markdown(results: dict, spec) -> str:
+    seeds = ", ".join(str(s) for s in spec.seeds)
+    parts = [f"# Study{': ' + spec.name if spec.name else ''}", "",
+             f"Clean-test top-1 (%), mean ± std over seeds {seeds} (sample std, n − 1); in brackets the gain over "
+             "the CE student in the same setting, in points; **bold**: the best student of each column.", ""]
+    for table in pair_tables(results, spec):
+        parts += [table_markdown(table), ""]
+    if results["missing"]:
+        parts.append(f"{len(results['missing'])} runs are not finished yet and are left out.")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def rows_csv(rows: list[dict], columns: list[str] | None = None) -> str:
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    return buf.getvalue()
+
+
+def write_study(out: Path, runs, spec) -> dict:
+    """results.json, results.csv, results.md and the plots; returns the results."""
+    from kdcli.models.checkpoint import write_text_atomic
+    from kdcli.study import plots
+
+    results = study_results(runs, spec.model_dump())
+    columns = ["dataset", "setting", "noise", "imbalance", "seed", "role", "method", "teacher_arch", "arch",
+               "top1", "best_top1", "nll", "ece", "noise_rate", "memorised", "corrected", "clean_train_top1",
+               "seconds", "run"]
+    write_text_atomic(out / "results.json", json.dumps(results, indent=1))
+    write_text_atomic(out / "results.csv", rows_csv(results["runs"], columns))
+    write_text_atomic(out / "results.md", study_markdown(results, spec))
+    results["plots"] = plots.study_plots(out / "plots", pair_tables(results, spec))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+
+def collect_reports(paths: list[Path]) -> list[tuple[Path, Report]]:
+    found: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            inside = sorted(q for q in p.rglob("report.json"))
+            if not inside:
+                raise KdcliError(f"{p} holds no report.json")
+            found += inside
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise KdcliError(f"{p} does not exist")
+    return [(p, read_report(p)) for p in dict.fromkeys(found)]
+
+
+def compare_groups(reports: list[tuple[Path, Report]]) -> tuple[list[str], list[dict]]:
+    """Group runs by the settings that differ between them (seeds pooled); gain over the CE group that
+    agrees on everything but the method."""
+    rows = []
+    for path, report in reports:
+        row = run_row(report)
+        settings = {k: v for k, v in report.config.items() if k not in NOT_SETTINGS}
+        settings.update(teacher=row["teacher"], student=row["student"])
+        if isinstance(settings.get("method_args"), dict):
+            settings["method_args"] = ",".join(f"{k}={v}" for k, v in sorted(settings["method_args"].items()))
+        row.update({f"cfg.{k}": v for k, v in settings.items()}, report=str(path))
+        rows.append(row)
+    names = list(dict.fromkeys(k for r in rows for k in r if k.startswith("cfg.")))
+    names.sort(key=lambda k: FIRST_KEYS.index(k[4:]) if k[4:] in FIRST_KEYS else len(FIRST_KEYS))
+    keys = [k for k in names if len({_hashable(r.get(k)) for r in rows}) > 1]
+    groups = aggregate(rows, keys)
+    for g in groups:
+        for k in keys:
+            g[k.removeprefix("cfg.")] = g.pop(k)
+    shown = [k.removeprefix("cfg.") for k in keys]
+    method_keys = {"method", "method_args", "teacher", "student_stages", "teacher_stages"}
+    setting_keys = [k for k in shown if k not in method_keys]
+    add_gain(groups, setting_keys)
+    # each setting together, its CE baseline first, then the methods by name
+    groups.sort(key=lambda g: ([_order(g.get(k)) for k in setting_keys],
+                               g.get("method") != "ce" or bool(g.get("teacher")),
+                               [_order(g.get(k)) for k in shown if k in method_keys]))
+    return shown, groups
+
+
+def _order(v) -> tuple:
+    """A sort key for mixed values: None first, numbers by value, the rest as text."""
+    if v is None:
+        return (0, 0.0, "")
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return (1, float(v), "")
+    return (2, 0.0, str(_hashable(v)))
+
+
+def compare_table(keys: list[str], groups: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = keys + ["n", "top-1 %", "Δ vs CE"]
+    body = [[("–" if g[k] in (None, "") else str(g[k])) for k in keys]
+            + [str(g["n"]), pct(g["top1_mean"], g["top1_std"]), signed(g["gain_over_ce"]) or "–"] for g in groups]
+    return header, body
+
+
+def markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines) + "\n"

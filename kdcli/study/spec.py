@@ -1,0 +1,125 @@
+"""A study spec: the grid of a whole comparison (datasets × pairs × methods × corruption settings × seeds)
+and the training options its runs share. Read from YAML or TOML, or from a preset; validated up front.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kdcli.config import RunConfig
+from kdcli.errors import KdcliError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+CLEAN = ("none", "clean", "0", "")
+# RunConfig fields the grid itself sets: not allowed under ``options``
+GRID_FIELDS = frozenset({"command", "student", "student_weights", "teacher", "teacher_weights", "method",
+                         "method_args", "dataset", "noise", "imbalance", "seed", "corruption_seed", "out"})
+
+
+class Pair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str = Field(description="teacher architecture: trained once per (corruption, seed) by the study")
+    student: str = Field(description="student architecture")
+
+
+class StudySpec(BaseModel):
+    """What ``kdcli study`` runs. Every student of a pair distills from the same teacher run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    dataset: list[str] = Field(description="one dataset or several (an axis)")
+    pairs: list[Pair] = Field(min_length=1, description="teacher → student pairs (the capacity-gap axis)")
+    methods: list[str] = Field(description="methods of `kdcli methods`, or 'all'; a CE student is always trained")
+    noise: list[str | None] = Field(default_factory=lambda: [None], description="noise specs; none = clean")
+    imbalance: list[str | None] = Field(default_factory=lambda: [None], description="imbalance specs; none")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    corruption_seed: Literal["seed"] | int = Field(
+        "seed", description="'seed': each seed draws its own corruption; an integer: the same for all seeds")
+    options: dict[str, Any] = Field(default_factory=dict, description="run options shared by every run")
+    teacher_options: dict[str, Any] = Field(default_factory=dict, description="overrides for teacher runs")
+    method_args: dict[str, dict[str, Any]] = Field(default_factory=dict, description="method → {KEY: VALUE}")
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _all(cls, v):
+        if v == "all" or v == ["all"]:
+            from kdcli import methods
+
+            return [m for m in methods.available() if m != "ce"]
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("noise", "imbalance", mode="before")
+    @classmethod
+    def _clean(cls, v):
+        v = [v] if v is None or isinstance(v, str | int | float) else v
+        return [None if x is None or str(x).strip().lower() in CLEAN else str(x) for x in v]
+
+    @field_validator("options", "teacher_options")
+    @classmethod
+    def _known_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        allowed = set(RunConfig.model_fields) - GRID_FIELDS
+        for key in v:
+            if key not in allowed:
+                hint = " (the grid sets it)" if key in GRID_FIELDS else ""
+                raise ValueError(f"unknown run option {key!r}{hint}; known: {', '.join(sorted(allowed))}")
+        return v
+
+    @property
+    def settings(self) -> list[tuple[str | None, str | None]]:
+        """The corruption settings, (noise, imbalance), in spec order."""
+        return [(n, i) for n in self.noise for i in self.imbalance]
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load(path: Path | None = None, preset: str | None = None) -> tuple[StudySpec, str]:
+    """The validated spec and its source text, from a YAML/TOML file or a preset name."""
+    if (path is None) == (preset is None):
+        raise KdcliError("give a study spec file or --preset NAME (one of them): "
+                         f"presets are {', '.join(presets())}")
+    if preset is not None:
+        path = PRESETS_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise KdcliError(f"unknown preset {preset!r}; presets: {', '.join(presets())}")
+    where = f"preset {preset}" if preset else f"study spec {path}"
+    if not path.is_file():
+        raise KdcliError(f"study spec {path} does not exist")
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        reason = " ".join(str(e).split())[:160]
+        raise KdcliError(f"{where} is not valid {'TOML' if path.suffix.lower() == '.toml' else 'YAML'}: "
+                         f"{reason}") from None
+    return parse(raw, where), text
+
+
+def parse(raw: Any, where: str = "study spec") -> StudySpec:
+    if not isinstance(raw, dict):
+        raise KdcliError(f"{where}: expected a mapping of keys (dataset, pairs, methods, …), got {type(raw).__name__}")
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(StudySpec.model_fields) if len(err["loc"]) == 1 else "teacher, student"
+            raise KdcliError(f"{where}: unknown key {loc!r} (known keys: {known})") from None
+        if err["type"] == "missing":
+            raise KdcliError(f"{where}: missing key {loc!r}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise KdcliError(f"{where}: {loc}: {msg}") from None
