@@ -317,7 +317,7 @@ def study(
             print(plan.shell(run.command()))
         if len(ready) < len(todo):
             err_console.print(f"# {len(todo) - len(ready)} more runs wait for teachers that have not finished; "
-                              "print the commands again once these are done", highlight=False)
+                              "print the commands again once these are done", highlight=False, soft_wrap=True)
         return
     from kdcli.models.checkpoint import write_text_atomic
 
@@ -325,12 +325,12 @@ def study(
     write_text_atomic(out / ("spec.toml" if spec is not None and spec.suffix.lower() == ".toml" else "spec.yaml"), text)
     interrupted = sum(s == "interrupted" for s in states.values())
     console.print(f"study {parsed.name or out}: {len(runs)} runs, {len(finished)} finished, {interrupted} to resume, "
-                  f"{len(todo) - interrupted} to start ({jobs} at a time)", highlight=False)
+                  f"{len(todo) - interrupted} to start ({jobs} at a time)", highlight=False, soft_wrap=True)
     summary = execute.execute(todo, finished, jobs=jobs, console=console)
     res = results.write_study(out, runs, parsed)
     console.print(results.study_markdown(res, parsed), highlight=False, markup=False, soft_wrap=True)
     console.print(f"wrote {out}/results.json, results.csv, results.md and {len(res['plots'])} plots in {out}/plots",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     if summary.failed or summary.skipped:
         first, why = summary.failed[0]
         raise KdcliError(f"{len(summary.failed)} runs failed and {len(summary.skipped)} were skipped (their teacher "

@@ -124,7 +124,7 @@ def execute(todo: list[Run], finished: set[Path], *, jobs: int, console: Console
                         pending.remove(run)
                         summary.skipped.append(run)
                         bar.advance(total)
-                        console.print(f"skipped {run.name}: its teacher failed", highlight=False)
+                        console.print(f"skipped {run.name}: its teacher failed", highlight=False, soft_wrap=True)
                         continue
                     if run.needs is not None and run.needs.out not in done:
                         continue
@@ -132,7 +132,8 @@ def execute(todo: list[Run], finished: set[Path], *, jobs: int, console: Console
                     resume = run.state() == "interrupted"
                     task = bar.add_task(f"  {run.name}", total=None, log=str(run.out / LOG_FILE))
                     if not console.is_terminal:
-                        console.print(f"{'resuming' if resume else 'running'} {run.name}", highlight=False)
+                        console.print(f"{'resuming' if resume else 'running'} {run.name}", highlight=False,
+                                      soft_wrap=True)
                     running[pool.submit(run_one, run.cfg.model_dump_json(), resume)] = (run, task)
                 if not running:
                     if pending:  # cannot happen with plan order (teachers first); never spin
@@ -148,11 +149,11 @@ def execute(todo: list[Run], finished: set[Path], *, jobs: int, console: Console
                         done.add(run.out)
                         summary.finished.append(run)
                         console.print(f"done {run.name}: top-1 {100 * outcome.top1:.2f}% "
-                                      f"({outcome.seconds:.0f} s)", highlight=False)
+                                      f"({outcome.seconds:.0f} s)", highlight=False, soft_wrap=True)
                     else:
                         failed.add(run.out)
                         summary.failed.append((run, outcome.error))
-                        console.print(f"failed {run.name}: {outcome.error}", highlight=False)
+                        console.print(f"failed {run.name}: {outcome.error}", highlight=False, soft_wrap=True)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return summary

@@ -114,7 +114,8 @@ def parse(raw: Any, where: str = "study spec") -> StudySpec:
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
+        errors = e.errors()  # a misspelt key is the likelier story than the missing key it was meant to be
+        err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             known = ", ".join(StudySpec.model_fields) if len(err["loc"]) == 1 else "teacher, student"

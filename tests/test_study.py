@@ -1,0 +1,337 @@
+"""kdcli study (grid, reuse of teachers, resume, --jobs, --print-commands, results and plots) and kdcli compare."""
+
+import json
+import shlex
+import statistics
+from pathlib import Path
+
+import pytest
+
+from kdcli.config import RunConfig
+from kdcli.engine import loop
+from kdcli.engine.report import Report
+from kdcli.errors import KdcliError
+from kdcli.study import plan, results
+from kdcli.study import spec as study_spec
+from tests.test_cli import fails, kdcli
+
+TINY = """
+name: tiny
+dataset: synthetic:8:4:96
+pairs:
+  - {teacher: cifar_resnet14, student: cifar_resnet8}
+methods: [kd, at]
+noise: [none, "symmetric:0.4"]
+seeds: [0, 1]
+options: {epochs: 1, batch_size: 32}
+"""
+ONE = """
+dataset: synthetic:8:4:64
+pairs: [{teacher: cifar_resnet8, student: cifar_resnet8}]
+methods: [kd]
+options: {epochs: 2, batch_size: 32}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    (root / "tiny.yaml").write_text(TINY)
+    kdcli("study", root / "tiny.yaml", "--out", root / "out")
+    return root / "tiny.yaml", root / "out"
+
+
+def _reports(out: Path) -> dict[Path, Report]:
+    return {p.parent: Report.model_validate_json(p.read_text()) for p in (out / "runs").rglob("report.json")}
+
+
+def test_tiny_study_trains_teachers_once_and_every_student(tiny):
+    _, out = tiny
+    reports = _reports(out)
+    assert len(reports) == 2 * 2 * (1 + 1 + 2)  # settings × seeds × (teacher + CE + 2 methods)
+    for folder, r in reports.items():
+        seed = int(folder.parent.name.removeprefix("seed-"))
+        assert r.config["seed"] == seed and r.config["corruption_seed"] == seed  # each seed its own noise draw
+        assert r.config["noise"] == (None if folder.parent.parent.name == "clean" else "symmetric:0.4")
+        if r.command == "distill":  # the very teacher file of the same setting and seed
+            teacher = reports[folder.parent / "teacher-cifar_resnet14"]
+            assert r.teacher.name == "cifar_resnet14" and r.teacher.sha256 == teacher.student.sha256
+    assert (out / "spec.yaml").read_text() == TINY
+
+
+def test_tiny_study_aggregates_what_the_reports_say(tiny):
+    _, out = tiny
+    res = json.loads((out / "results.json").read_text())
+    reports = _reports(out)
+    assert len(res["runs"]) == 16 and res["missing"] == []
+    by_cell: dict[tuple, list[float]] = {}
+    for folder, r in reports.items():
+        method = "teacher" if folder.name.startswith("teacher-") else r.config["method"]
+        by_cell.setdefault((folder.parent.parent.name, method), []).append(r.metrics.final.top1)
+    groups = {("clean" if g["setting"] == "clean" else "symmetric-0.4",
+               "teacher" if g["role"] == "teacher" else g["method"]): g for g in res["groups"]}
+    assert set(groups) == set(by_cell) and len(groups) == 8
+    for key, values in by_cell.items():
+        g = groups[key]
+        assert g["n"] == 2 and g["seeds"] == [0, 1]
+        assert g["top1_mean"] == pytest.approx(statistics.mean(values))
+        assert g["top1_std"] == pytest.approx(statistics.stdev(values))
+    for setting in ("clean", "symmetric-0.4"):
+        ce = statistics.mean(by_cell[(setting, "ce")])
+        for m in ("kd", "at"):
+            assert groups[(setting, m)]["gain_over_ce"] == pytest.approx(statistics.mean(by_cell[(setting, m)]) - ce)
+        assert groups[(setting, "ce")]["gain_over_ce"] is None and groups[(setting, "teacher")]["gain_over_ce"] is None
+    noisy = groups[("symmetric-0.4", "kd")]
+    assert noisy["memorised_mean"] is not None  # the corruption diagnostics are aggregated too
+    # one CSV row per run, the same numbers
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 17 and rows[0].startswith("dataset,setting,noise,imbalance,seed,role,method")
+    csv_top1 = sorted(float(line.split(",")[9]) for line in rows[1:])
+    assert csv_top1 == pytest.approx(sorted(r.metrics.final.top1 for r in reports.values()))
+
+
+def test_tiny_study_writes_its_table_and_plots(tiny):
+    _, out = tiny
+    md = (out / "results.md").read_text()
+    res = json.loads((out / "results.json").read_text())
+    assert "## synthetic:8:4:96: cifar_resnet14 → cifar_resnet8" in md
+    assert "| method | clean | symmetric:0.4 |" in md
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ")][1:]
+    assert [ln.split(" | ")[0] for ln in lines] == ["| teacher (cifar_resnet14)", "| ce (cifar_resnet8)", "| kd",
+                                                    "| at"]
+    kd = next(g for g in res["groups"] if g["method"] == "kd" and g["setting"] == "clean")
+    assert f"{100 * kd['top1_mean']:.2f} ± {100 * kd['top1_std']:.2f} ({100 * kd['gain_over_ce']:+.2f})" in md
+    for column in (1, 2):  # the best student of each column is bold, the teacher never
+        cells = [ln.split(" | ")[column] for ln in lines]
+        assert sum(c.startswith("**") for c in cells[1:]) >= 1 and not cells[0].startswith("**")
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert [p.name for p in pngs] == ["synthetic-8-4-96_cifar_resnet14-cifar_resnet8_gain.png",
+                                      "synthetic-8-4-96_cifar_resnet14-cifar_resnet8_top1.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in pngs)
+
+
+def test_second_invocation_runs_nothing(tiny, monkeypatch, capsys):
+    spec, out = tiny
+    before = json.loads((out / "results.json").read_text())
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr(loop, "run", no_training)
+    capsys.readouterr()
+    kdcli("study", spec, "--out", out)
+    assert "16 runs, 16 finished, 0 to resume, 0 to start" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["runs"] == before["runs"]
+    kdcli("study", spec, "--out", out, "--print-commands")
+    assert capsys.readouterr().out == ""  # nothing left to run
+
+
+def test_a_changed_spec_does_not_reuse_runs_silently(tiny, tmp_path, capsys):
+    spec, out = tiny
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(spec.read_text().replace("epochs: 1", "epochs: 3"))
+    err = fails(capsys, "study", changed, "--out", out)
+    assert "was run with epochs=1, but the spec now says 3" in err
+
+
+def test_interrupted_study_resumes_and_printed_commands_run_alone(tmp_path, capsys):
+    spec = tmp_path / "one.yaml"
+    spec.write_text(ONE)
+    out = tmp_path / "out"
+    kdcli("study", spec, "--out", out, "--print-commands")
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 2 and all(ln.startswith("kdcli train ") for ln in lines)  # teacher and CE
+    assert "1 more runs wait for teachers" in captured.err  # the student needs its teacher first
+    # run the printed teacher line alone, interrupted after one epoch; the CE line to the end
+    kdcli(*shlex.split(lines[0])[1:], "--stop-after-epoch", "1")
+    kdcli(*shlex.split(lines[1])[1:])
+    capsys.readouterr()
+    kdcli("study", spec, "--out", out, "--print-commands")
+    again = capsys.readouterr().out.splitlines()
+    teacher_dir = out / "runs" / "synthetic-8-4-64" / "clean" / "seed-0" / "teacher-cifar_resnet8"
+    assert again == [f"kdcli train --resume {teacher_dir}"]
+    kdcli("study", spec, "--out", out)
+    said = capsys.readouterr().out
+    assert "3 runs, 1 finished, 1 to resume, 1 to start" in said
+    teacher = Report.model_validate_json((teacher_dir / "report.json").read_text())
+    assert [h.epoch for h in teacher.history] == [1, 2]
+    assert "resuming" in (teacher_dir / "log.txt").read_text()
+    # the resumed teacher ends where an uninterrupted one does (runs are deterministic per seed)
+    kdcli(*shlex.split(lines[0])[1:-2], "--out", tmp_path / "straight")
+    straight = Report.model_validate_json((tmp_path / "straight" / "report.json").read_text())
+    assert straight.student.sha256 == teacher.student.sha256
+    assert json.loads((out / "results.json").read_text())["missing"] == []
+
+
+def test_jobs_run_in_worker_processes_with_the_same_results(tmp_path, capsys):
+    spec = tmp_path / "one.yaml"
+    spec.write_text(ONE.replace("epochs: 2", "epochs: 1"))
+    kdcli("study", spec, "--out", tmp_path / "inline")
+    kdcli("study", spec, "--out", tmp_path / "pool", "--jobs", "2")
+    inline = {p.relative_to(tmp_path / "inline"): r for p, r in _reports(tmp_path / "inline").items()}
+    pool = {p.relative_to(tmp_path / "pool"): r for p, r in _reports(tmp_path / "pool").items()}
+    assert len(pool) == 3 and set(pool) == set(inline)
+    for key, r in pool.items():  # workers use 1 thread each, this process 2: equal up to float summation order
+        assert r.environment.world_size == 1 and r.config["out"].startswith(str(tmp_path / "pool"))
+        assert r.history[0].loss == pytest.approx(inline[key].history[0].loss, rel=1e-4)
+        assert r.metrics.final.nll == pytest.approx(inline[key].metrics.final.nll, rel=1e-3)
+
+
+def test_printed_command_builds_the_same_config(tmp_path, monkeypatch):
+    """The command line of a run, parsed by the CLI, gives back the very RunConfig."""
+    cfgs = [
+        RunConfig(command="distill", teacher="t.safetensors", student="cifar_resnet8", method="kd+at",
+                  method_args={"at.beta": "62.5", "kd.T": "2"}, student_stages=[1, 2], teacher_stages=[2, 3],
+                  dataset="synthetic:8:4:64", noise="symmetric:0.2", imbalance="step:5:0.5", corruption_seed=3,
+                  class_order="random:1", streaming=True, shuffle_buffer=64, augment="none", workers=1, epochs=3,
+                  batch_size=16, lr=0.1, weight_decay=0.0, momentum=0.8, schedule="step", seed=4,
+                  precision="bf16", image_size=12, eval_split="test", out=str(tmp_path / "a b")),
+        RunConfig(command="train", student="cifar_resnet8", dataset="digits", out=str(tmp_path / "c")),
+    ]
+    seen = []
+    monkeypatch.setattr(loop, "run", lambda cfg, **kw: seen.append(cfg))
+    for cfg in cfgs:
+        kdcli(*shlex.split(plan.shell(plan.command_line(cfg)))[1:])
+    assert seen == cfgs
+
+
+# ------------------------------------------------------------------------------------------------ specs
+
+
+def _bad(tmp_path, capsys, text: str, *extra) -> str:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return fails(capsys, "study", path, "--out", tmp_path / "o", *extra)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (("methods:", "methdos:"), "unknown key 'methdos'"),
+    (("{epochs: 1, batch_size: 32}", "{epoch: 1}"), "unknown run option 'epoch'"),
+    (("{epochs: 1, batch_size: 32}", "{seed: 3}"), "the grid sets it"),
+    (("{epochs: 1, batch_size: 32}", "{epochs: 0}"), "invalid option epochs"),
+    (("[kd, at]", "[kd, nope]"), "unknown method 'nope'"),
+    (('"symmetric:0.4"', '"symmetric:1.5"'), "symmetric:1.5"),
+    (("none, ", '"longtail:0.5", '), "longtail:0.5"),
+    (("cifar_resnet14", "cifar_resnet15"), "unknown model 'cifar_resnet15'"),
+    (("synthetic:8:4:96", "no/such-local-dir"), "dataset"),
+    (("name: tiny", "name: tiny\nmethod_args: {fitnet: {beta: 1}}"), "not among the methods"),
+    (("name: tiny", "name: tiny\nmethod_args: {kd: {Temp: 1}}"), "has no argument 'Temp'"),
+    (("seeds: [0, 1]", "seeds: []"), "seeds"),
+    (("pairs:\n  - {teacher: cifar_resnet14, student: cifar_resnet8}", "pairs:\n  - {teacher: cifar_resnet14}"),
+     "missing key 'pairs.0.student'"),
+    (("name: tiny", "name: [tiny"), "not valid YAML"),
+])
+def test_bad_specs_are_one_line(edit, expected, tmp_path, capsys):
+    old, new = edit
+    assert old in TINY
+    err = _bad(tmp_path, capsys, TINY.replace(old, new, 1))
+    assert expected in err and "study spec" in err
+    assert not (tmp_path / "o").exists()  # validated before anything is written
+
+
+def test_bad_study_invocations_are_one_line(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text(TINY)
+    assert "--preset" in fails(capsys, "study", "--out", tmp_path / "o")
+    assert "unknown preset 'nope'" in fails(capsys, "study", "--preset", "nope", "--out", tmp_path / "o")
+    assert "--jobs" in fails(capsys, "study", tmp_path / "s.yaml", "--out", tmp_path / "o", "--jobs", "0")
+    assert "--out" in fails(capsys, "study", tmp_path / "s.yaml")
+    assert "does not exist" in fails(capsys, "study", tmp_path / "missing.yaml", "--out", tmp_path / "o")
+    assert "expected a mapping" in _bad(tmp_path, capsys, "- just\n- a list\n")
+
+
+def test_toml_and_yaml_specs_are_the_same_study(tmp_path):
+    toml = tmp_path / "s.toml"
+    toml.write_text('name = "tiny"\ndataset = "synthetic:8:4:96"\nmethods = ["kd", "at"]\n'
+                    'noise = ["none", "symmetric:0.4"]\nseeds = [0, 1]\n[options]\nepochs = 1\nbatch_size = 32\n'
+                    '[[pairs]]\nteacher = "cifar_resnet14"\nstudent = "cifar_resnet8"\n')
+    yaml_ = tmp_path / "s.yaml"
+    yaml_.write_text(TINY)
+    assert study_spec.load(toml)[0] == study_spec.load(yaml_)[0]
+    toml.write_text("a = [")
+    with pytest.raises(KdcliError, match="not valid TOML"):
+        study_spec.load(toml)
+
+
+@pytest.mark.parametrize("name", ["digits-noise", "digits-imbalance", "cifar10-noise"])
+def test_presets_are_valid_studies(name, tmp_path):
+    from kdcli import methods
+
+    spec, _ = study_spec.load(preset=name)
+    runs = plan.plan(spec, tmp_path)
+    assert spec.methods == [m for m in methods.available() if m != "ce"]  # all methods of `kdcli methods`
+    assert len(spec.seeds) == 3 and len(spec.settings) >= 3
+    per_cell = 1 + 1 + len(spec.methods)  # teacher, CE, a student per method
+    assert len(runs) == len(spec.settings) * len(spec.seeds) * per_cell
+    if spec.dataset == ["digits"]:  # built in: every spec is checked against the data (CIFAR-10 is not offline)
+        plan.check(spec, runs)
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+
+def _report(folder: Path, method: str, noise: str | None, seed: int, top1: float) -> None:
+    teacher = None if method == "ce" else {"name": "cifar_resnet26", "source": "checkpoint", "params": 10}
+    cfg = RunConfig(command="train" if method == "ce" else "distill", student="cifar_resnet8", method=method,
+                    teacher=None if method == "ce" else f"t{seed}.safetensors", dataset="digits", noise=noise,
+                    seed=seed, corruption_seed=seed, out=str(folder))
+    metrics = {"num_examples": 10, "top1": top1, "nll": 1.0, "ece": 0.1, "per_class_top1": {}}
+    report = Report(
+        command=cfg.command, created="2026-11-25T00:00:00+00:00", config=cfg.model_dump(),
+        environment={"python": "3", "torch": "2", "timm": "1", "platform": "x", "device": "cpu", "world_size": 1,
+                     "precision": "fp32"},
+        data={"dataset": "digits", "source": "builtin", "train_split": "train", "eval_split": "test",
+              "num_classes": 10, "class_names": [str(i) for i in range(10)], "num_train": 100, "num_eval": 10,
+              "image_size": 8, "in_chans": 1, "streaming": False},
+        teacher=teacher, student={"name": "cifar_resnet8", "source": "timm", "params": 5},
+        method={"name": method, "family": "logits", "args": {}}, metrics={"final": metrics}, history=[],
+        timing={"total_seconds": 1.0, "train_images_per_s": 1.0})
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(report.model_dump_json())
+
+
+@pytest.fixture
+def hand_written(tmp_path):
+    top1 = {("ce", None): (0.90, 0.92), ("kd", None): (0.93, 0.95),
+            ("ce", "symmetric:0.4"): (0.70, 0.74), ("kd", "symmetric:0.4"): (0.80, 0.80)}
+    for (method, noise), values in top1.items():
+        for seed, v in enumerate(values):
+            _report(tmp_path / "runs" / f"{method}-{noise}-{seed}", method, noise, seed, v)
+    return tmp_path / "runs"
+
+
+def test_compare_groups_by_what_differs(hand_written, capsys):
+    kdcli("compare", hand_written, "--format", "md")
+    assert capsys.readouterr().out == (
+        "| noise | teacher | method | n | top-1 % | Δ vs CE |\n"
+        "|---|---|---|---|---|---|\n"
+        "| – | – | ce | 2 | 91.00 ± 1.41 | – |\n"
+        "| – | cifar_resnet26 | kd | 2 | 94.00 ± 1.41 | +3.00 |\n"
+        "| symmetric:0.4 | – | ce | 2 | 72.00 ± 2.83 | – |\n"
+        "| symmetric:0.4 | cifar_resnet26 | kd | 2 | 80.00 ± 0.00 | +8.00 |\n")
+    kdcli("compare", *sorted(hand_written.glob("kd-None-*/report.json")), "--format", "csv")
+    assert capsys.readouterr().out == "n,top-1 %,Δ vs CE\n2,94.00 ± 1.41,–\n"  # they agree on every setting
+    kdcli("compare", hand_written)  # a rich table on the terminal
+    assert "symmetric:0.4" in capsys.readouterr().out
+
+
+def test_compare_bad_inputs_are_one_line(hand_written, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert "holds no report.json" in fails(capsys, "compare", tmp_path / "empty")
+    assert "does not exist" in fails(capsys, "compare", tmp_path / "nope")
+    (tmp_path / "x.json").write_text("{}")
+    assert "is not a kdcli run report" in fails(capsys, "compare", tmp_path / "x.json")
+    assert "--format" in fails(capsys, "compare", hand_written, "--format", "xml")
+
+
+def test_mean_std_and_gain_on_hand_made_rows():
+    assert results.mean_std([0.5]) == (0.5, None)
+    assert results.mean_std([None, None]) == (None, None)
+    mean, std = results.mean_std([0.1, 0.2, 0.6])
+    assert mean == pytest.approx(0.3) and std == pytest.approx(statistics.stdev([0.1, 0.2, 0.6]))
+    rows = [{"method": m, "teacher": t, "noise": n, "seed": s, "top1": v} for m, t, n, s, v in [
+        ("ce", None, "a", 0, 0.5), ("ce", None, "a", 1, 0.7), ("kd", "T", "a", 0, 0.9), ("kd", "T", "b", 0, 0.2)]]
+    groups = results.aggregate(rows, ["noise", "method", "teacher"])
+    results.add_gain(groups, ["noise"])
+    gains = {(g["noise"], g["method"]): g["gain_over_ce"] for g in groups}
+    assert gains[("a", "kd")] == pytest.approx(0.3) and gains[("a", "ce")] is None and gains[("b", "kd")] is None
