@@ -335,3 +335,42 @@ def test_mean_std_and_gain_on_hand_made_rows():
     results.add_gain(groups, ["noise"])
     gains = {(g["noise"], g["method"]): g["gain_over_ce"] for g in groups}
     assert gains[("a", "kd")] == pytest.approx(0.3) and gains[("a", "ce")] is None and gains[("b", "kd")] is None
+
+
+def test_a_failed_run_is_reported_and_its_students_skipped(tmp_path, monkeypatch, capsys):
+    spec = tmp_path / "one.yaml"
+    spec.write_text(ONE.replace("epochs: 2", "epochs: 1"))
+    real = loop.run
+
+    def teachers_diverge(cfg, **kw):
+        if Path(cfg.out).name.startswith("teacher-"):
+            raise loop.TrainingDiverged("loss term 'ce' became nan at step 3")
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(loop, "run", teachers_diverge)
+    err = fails(capsys, "study", spec, "--out", tmp_path / "o")
+    assert "1 runs failed and 1 were skipped" in err and "became nan" in err
+    res = json.loads((tmp_path / "o" / "results.json").read_text())  # what finished is still aggregated
+    assert [r["role"] for r in res["runs"]] == ["student"] and len(res["missing"]) == 2
+    assert "became nan" in next((tmp_path / "o" / "runs").rglob("teacher-*/log.txt")).read_text()
+
+
+def test_plan_shares_a_teacher_between_pairs_and_orders_teachers_first(tmp_path):
+    spec = study_spec.parse({"dataset": ["digits", "synthetic:8:10:64"], "methods": ["kd", "at"], "seeds": [0, 1],
+                             "pairs": [{"teacher": "cifar_resnet14", "student": "cifar_resnet8"},
+                                       {"teacher": "cifar_resnet14", "student": "cifar_vit_micro_p4"}],
+                             "noise": ["none", "pairflip:0.2"], "imbalance": ["none", "step:5:0.5"],
+                             "teacher_options": {"epochs": 5}, "corruption_seed": 7})
+    runs = plan.plan(spec, tmp_path)
+    cells = 2 * 4 * 2  # datasets × settings × seeds
+    teachers = [r for r in runs if r.role == "teacher"]
+    assert len(teachers) == cells and len(runs) == cells * (1 + 2 + 2 * 2)  # 1 teacher, 2 CE, 2 pairs × 2 methods
+    assert all(r.cfg.epochs == 5 for r in teachers) and all(r.cfg.epochs == 30 for r in runs if r.role == "student")
+    assert {r.cfg.corruption_seed for r in runs} == {7}
+    assert {r.setting for r in runs} == {"clean", "pairflip:0.2", "step:5:0.5", "pairflip:0.2 + step:5:0.5"}
+    position = {r.out: i for i, r in enumerate(runs)}
+    for r in runs:
+        if r.needs is not None:
+            assert position[r.needs.out] < position[r.out] and r.cfg.teacher == str(r.needs.out / "model.safetensors")
+            assert (r.needs.dataset, r.needs.setting, r.needs.seed) == (r.dataset, r.setting, r.seed)
+    assert len({r.out for r in runs}) == len(runs)

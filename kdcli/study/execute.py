@@ -56,7 +56,7 @@ def run_one(cfg_json: str, resume: bool) -> Outcome:
     started = time.time()
     with open(out / LOG_FILE, "a") as log:
         console = Console(file=log, width=160, no_color=True)
-        console.print(f"# {'resuming' if resume else 'starting'} {cfg.command} {cfg.method} → {cfg.out}")
+        console.print(f"# {'resuming' if resume else 'starting'} {cfg.command} --method {cfg.method}")
         try:
             report = loop.run(cfg, resume=resume, console=console)
         except KdcliError as e:
