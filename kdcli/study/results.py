@@ -100,7 +100,10 @@ def pct(mean: float | None, std: float | None = None) -> str:
 
 
 def signed(gain: float | None) -> str:
-    return "" if gain is None else f"{100 * gain:+.2f}"
+    if gain is None:
+        return ""
+    text = f"{100 * gain:+.2f}"
+    return "+0.00" if text == "-0.00" else text
 
 
 # ---------------------------------------------------------------------------------------- study outputs
