@@ -374,3 +374,10 @@ def test_plan_shares_a_teacher_between_pairs_and_orders_teachers_first(tmp_path)
             assert position[r.needs.out] < position[r.out] and r.cfg.teacher == str(r.needs.out / "model.safetensors")
             assert (r.needs.dataset, r.needs.setting, r.needs.seed) == (r.dataset, r.setting, r.seed)
     assert len({r.out for r in runs}) == len(runs)
+
+
+def test_workers_share_the_cores_and_spread_over_gpus():
+    from kdcli.study.execute import worker_setup
+    assert worker_setup(0, 2, 2, []) == (1, None) and worker_setup(1, 4, 2, []) == (1, None)  # at least a thread
+    assert worker_setup(0, 2, 16, ["0"]) == (8, None)  # one GPU: every worker on it
+    assert [worker_setup(i, 4, 16, ["2", "5"])[1] for i in range(4)] == ["2", "5", "2", "5"]

@@ -65,7 +65,28 @@ def run_one(cfg_json: str, resume: bool) -> Outcome:
     return Outcome(ok=True, top1=report.metrics.final.top1, seconds=time.time() - started)
 
 
-def _init_worker(threads: int) -> None:
+def worker_setup(index: int, jobs: int, cpus: int, gpus: list[str]) -> tuple[int, str | None]:
+    """(CPU threads, CUDA_VISIBLE_DEVICES) for worker ``index`` of ``jobs``: the CPU cores shared out, and
+    with several visible GPUs one GPU per worker, round robin (None: leave the devices alone)."""
+    return max(1, cpus // jobs), (gpus[index % len(gpus)] if len(gpus) > 1 else None)
+
+
+def visible_gpus() -> list[str]:
+    import torch
+
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _init_worker(counter, jobs: int, cpus: int, gpus: list[str]) -> None:
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    threads, device = worker_setup(index, jobs, cpus, gpus)
+    if device is not None:  # before this process first touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
     import torch
 
     torch.set_num_threads(threads)
@@ -108,9 +129,12 @@ def execute(todo: list[Run], finished: set[Path], *, jobs: int, console: Console
     failed: set[Path] = set()
     pending = list(todo)
     running: dict[Future, tuple[Run, int | None]] = {}
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    pool = _Inline() if jobs == 1 else ProcessPoolExecutor(
-        max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,))
+    if jobs == 1:
+        pool = _Inline()
+    else:
+        context = get_context("spawn")
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
+                                   initargs=(context.Value("i", 0), jobs, os.cpu_count() or 1, visible_gpus()))
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), _LogTail(), console=console, disable=not console.is_terminal)
     total = bar.add_task("study", total=len(todo))
