@@ -308,26 +308,21 @@ def study(
     parsed, text = study_spec.load(spec, preset)
     runs = plan.plan(parsed, out)
     plan.check(parsed, runs)
-    states = {run.out: run.state() for run in runs}
-    finished = {o for o, s in states.items() if s == "done"}
-    todo = [r for r in runs if states[r.out] != "done"]
     if print_commands:
-        ready = [r for r in todo if r.needs is None or r.needs.out in finished]
+        ready, waiting = plan.ready(runs)
         for run in ready:
             print(plan.shell(run.command()))
-        if len(ready) < len(todo):
-            err_console.print(f"# {len(todo) - len(ready)} more runs wait for teachers that have not finished; "
+        if waiting:
+            err_console.print(f"# {len(waiting)} more runs wait for teachers that have not finished; "
                               "print the commands again once these are done", highlight=False, soft_wrap=True)
         return
-    from kdcli.models.checkpoint import write_text_atomic
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / ("spec.toml" if spec is not None and spec.suffix.lower() == ".toml" else "spec.yaml"), text)
-    interrupted = sum(s == "interrupted" for s in states.values())
-    console.print(f"study {parsed.name or out}: {len(runs)} runs, {len(finished)} finished, {interrupted} to resume, "
-                  f"{len(todo) - interrupted} to start ({jobs} at a time)", highlight=False, soft_wrap=True)
-    summary = execute.execute(todo, finished, jobs=jobs, console=console)
-    res = results.write_study(out, runs, parsed)
+    source = f"spec{spec.suffix.lower() if spec is not None and spec.suffix.lower() == '.toml' else '.yaml'}"
+    try:
+        res, summary = execute.run_study(parsed, runs, out, jobs=jobs, console=console, source=(source, text))
+    except KeyboardInterrupt:
+        err_console.print("interrupted: run the same command again to resume (finished runs are kept)",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     console.print(results.study_markdown(res, parsed), highlight=False, markup=False, soft_wrap=True)
     console.print(f"wrote {out}/results.json, results.csv, results.md and {len(res['plots'])} plots in {out}/plots",
                   highlight=False, soft_wrap=True)

@@ -381,3 +381,24 @@ def test_workers_share_the_cores_and_spread_over_gpus():
     assert worker_setup(0, 2, 2, []) == (1, None) and worker_setup(1, 4, 2, []) == (1, None)  # at least a thread
     assert worker_setup(0, 2, 16, ["0"]) == (8, None)  # one GPU: every worker on it
     assert [worker_setup(i, 4, 16, ["2", "5"])[1] for i in range(4)] == ["2", "5", "2", "5"]
+
+
+def test_ctrl_c_leaves_a_study_that_the_same_command_finishes(tmp_path, monkeypatch, capsys):
+    spec = tmp_path / "one.yaml"
+    spec.write_text(ONE.replace("epochs: 2", "epochs: 1"))
+    real = loop.run
+
+    def interrupted(cfg, **kw):
+        if Path(cfg.out).name.startswith("kd-"):
+            raise KeyboardInterrupt
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(loop, "run", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        kdcli("study", spec, "--out", tmp_path / "o")
+    assert exc.value.code == 130 and "run the same command again" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "results.json").exists()
+    monkeypatch.setattr(loop, "run", real)
+    kdcli("study", spec, "--out", tmp_path / "o")
+    assert "3 runs, 2 finished, 0 to resume, 1 to start" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["missing"] == []

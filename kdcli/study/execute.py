@@ -181,3 +181,21 @@ def execute(todo: list[Run], finished: set[Path], *, jobs: int, console: Console
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return summary
+
+
+def run_study(spec, runs: list[Run], out: Path, *, jobs: int, console: Console,
+              source: tuple[str, str]) -> tuple[dict, Summary]:
+    """Record the spec in ``out``, run what is not finished, and write the results (whatever finished)."""
+    from kdcli.models.checkpoint import write_text_atomic
+    from kdcli.study import results
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / source[0], source[1])
+    states = {run.out: run.state() for run in runs}
+    finished = {o for o, s in states.items() if s == "done"}
+    todo = [r for r in runs if states[r.out] != "done"]
+    interrupted = sum(s == "interrupted" for s in states.values())
+    console.print(f"study {spec.name or out}: {len(runs)} runs, {len(finished)} finished, {interrupted} to resume, "
+                  f"{len(todo) - interrupted} to start ({jobs} at a time)", highlight=False, soft_wrap=True)
+    summary = execute(todo, finished, jobs=jobs, console=console)
+    return results.write_study(out, runs, spec), summary

@@ -45,7 +45,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.out.parent.parent.name}/{self.out.parent.name}/{self.out.name}"
+        return "/".join(self.out.parts[-4:])  # dataset/setting/seed-s/run
 
     def state(self) -> str:
         """'done' (report written), 'interrupted' (resume state, no report) or 'pending'.
@@ -76,6 +76,14 @@ def _check_same(run: Run, stored: dict) -> None:
             raise KdcliError(
                 f"{run.out} was run with {key}={stored.get(key)!r}, but the spec now says {planned[key]!r}: "
                 "use another --out for a changed spec, or delete that run folder to redo it")
+
+
+def ready(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """The unfinished runs that can start now, and those that wait for an unfinished teacher."""
+    done = {r.out for r in runs if r.state() == "done"}
+    todo = [r for r in runs if r.out not in done]
+    can = [r for r in todo if r.needs is None or r.needs.out in done]
+    return can, [r for r in todo if r not in can]
 
 
 def slug(text: str) -> str:

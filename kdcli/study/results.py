@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from kdcli.engine.report import Report
 from kdcli.errors import KdcliError
+from kdcli.study.plan import arch_name
 
 METRICS = ("top1", "best_top1", "nll", "ece", "memorised", "corrected", "clean_train_top1")
 # config keys that vary between repeats of one setting, or only name files: never a grouping key
@@ -139,8 +140,6 @@ def pair_tables(results: dict, spec) -> list[dict]:
     tables = []
     for dataset in spec.dataset:
         for pair in spec.pairs:
-            from kdcli.study.plan import arch_name
-
             t, s = arch_name(pair.teacher), arch_name(pair.student)
 
             def find(role, method, teacher_arch, arch, setting, dataset=dataset):
