@@ -295,9 +295,11 @@ def study(
     print_commands: Annotated[bool, typer.Option(
         help="print one `kdcli …` line per run that can start now (for any scheduler), and run nothing")] = False,
 ) -> None:
-    """Run a whole comparison: teachers, a CE student and one student per method, for every corruption
-    setting and seed; then aggregate (mean ± std over seeds, gain over CE) into tables and plots.
-    Run it again to skip finished runs and resume interrupted ones."""
+    """Run a whole comparison (a grid of runs) and aggregate it into tables and plots.
+
+    Teachers, a CE student and one student per method, for every corruption setting and seed; then mean
+    ± std over seeds and the gain over CE. Run it again to skip finished runs and resume interrupted ones.
+    """
     from kdcli.study import execute, plan, results
     from kdcli.study import spec as study_spec
 
@@ -337,8 +339,10 @@ def compare(
     paths: Annotated[list[Path], typer.Argument(help="report.json files, or folders searched for them")],
     format: Annotated[str, typer.Option("--format", help="table | md | csv")] = "table",
 ) -> None:
-    """Compare runs: top-1 mean ± std over seeds, grouped by the settings that differ, with the gain
-    over the CE run of the same setting."""
+    """Compare runs: a table of top-1 grouped by the settings that differ.
+
+    Seeds are pooled (mean ± std), with the gain over the CE run of the same setting.
+    """
     from kdcli.study import results
 
     if format not in ("table", "md", "csv"):
