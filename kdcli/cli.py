@@ -307,6 +307,8 @@ def study(
         raise KdcliError("missing option --out DIR (the study folder)")
     if jobs < 1:
         raise KdcliError(f"invalid --jobs {jobs}: must be at least 1")
+    if out.exists() and not out.is_dir():
+        raise KdcliError(f"--out {out} exists and is not a folder")
     parsed, text = study_spec.load(spec, preset)
     runs = plan.plan(parsed, out)
     plan.check(parsed, runs)

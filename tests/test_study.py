@@ -238,6 +238,9 @@ def test_bad_study_invocations_are_one_line(tmp_path, capsys):
     assert "--out" in fails(capsys, "study", tmp_path / "s.yaml")
     assert "does not exist" in fails(capsys, "study", tmp_path / "missing.yaml", "--out", tmp_path / "o")
     assert "expected a mapping" in _bad(tmp_path, capsys, "- just\n- a list\n")
+    assert "is not a file" in fails(capsys, "study", tmp_path, "--out", tmp_path / "o")
+    (tmp_path / "file").write_text("x")
+    assert "is not a folder" in fails(capsys, "study", tmp_path / "s.yaml", "--out", tmp_path / "file")
 
 
 def test_toml_and_yaml_specs_are_the_same_study(tmp_path):
@@ -337,17 +340,24 @@ def test_mean_std_and_gain_on_hand_made_rows():
     assert gains[("a", "kd")] == pytest.approx(0.3) and gains[("a", "ce")] is None and gains[("b", "kd")] is None
 
 
-def test_a_failed_run_is_reported_and_its_students_skipped(tmp_path, monkeypatch, capsys):
+def _one_epoch_study_where(tmp_path, monkeypatch, prefix: str, error: BaseException) -> Path:
+    """The 3-run study, with ``loop.run`` raising ``error`` for the runs whose folder starts with ``prefix``."""
     spec = tmp_path / "one.yaml"
     spec.write_text(ONE.replace("epochs: 2", "epochs: 1"))
     real = loop.run
 
-    def teachers_diverge(cfg, **kw):
-        if Path(cfg.out).name.startswith("teacher-"):
-            raise loop.TrainingDiverged("loss term 'ce' became nan at step 3")
+    def run(cfg, **kw):
+        if Path(cfg.out).name.startswith(prefix):
+            raise error
         return real(cfg, **kw)
 
-    monkeypatch.setattr(loop, "run", teachers_diverge)
+    monkeypatch.setattr(loop, "run", run)
+    return spec
+
+
+def test_a_failed_run_is_reported_and_its_students_skipped(tmp_path, monkeypatch, capsys):
+    spec = _one_epoch_study_where(tmp_path, monkeypatch, "teacher-",
+                                  loop.TrainingDiverged("loss term 'ce' became nan at step 3"))
     err = fails(capsys, "study", spec, "--out", tmp_path / "o")
     assert "1 runs failed and 1 were skipped" in err and "became nan" in err
     res = json.loads((tmp_path / "o" / "results.json").read_text())  # what finished is still aggregated
@@ -384,16 +394,8 @@ def test_workers_share_the_cores_and_spread_over_gpus():
 
 
 def test_ctrl_c_leaves_a_study_that_the_same_command_finishes(tmp_path, monkeypatch, capsys):
-    spec = tmp_path / "one.yaml"
-    spec.write_text(ONE.replace("epochs: 2", "epochs: 1"))
     real = loop.run
-
-    def interrupted(cfg, **kw):
-        if Path(cfg.out).name.startswith("kd-"):
-            raise KeyboardInterrupt
-        return real(cfg, **kw)
-
-    monkeypatch.setattr(loop, "run", interrupted)
+    spec = _one_epoch_study_where(tmp_path, monkeypatch, "kd-", KeyboardInterrupt())
     with pytest.raises(SystemExit) as exc:
         kdcli("study", spec, "--out", tmp_path / "o")
     assert exc.value.code == 130 and "run the same command again" in capsys.readouterr().err

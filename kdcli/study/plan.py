@@ -196,8 +196,7 @@ def check(spec: StudySpec, runs: list[Run]) -> None:
         if name not in spec.methods:
             raise KdcliError(f"study spec: method_args names {name!r}, which is not among the methods")
     for run in runs:
-        if run.method != "ce":
-            _in_spec(lambda r=run: methods.spec(r.method, r.cfg.method_args), "methods")
+        _in_spec(lambda r=run: methods.spec(r.method, r.cfg.method_args), "methods")
     for i, pair in enumerate(spec.pairs):
         for role in ("teacher", "student"):
             arch = getattr(pair, role)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -57,10 +57,7 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     vals = [v for v in values if v is not None]
     if not vals:
         return None, None
-    mean = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
 def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
@@ -72,6 +69,7 @@ def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
     for members in groups.values():
         g = {k: members[0].get(k) for k in keys}
         g["n"] = len(members)
+        g["alone"] = all(r.get("teacher") is None for r in members)  # trained without a teacher
         g["seeds"] = sorted(r["seed"] for r in members)
         for metric in METRICS:
             g[f"{metric}_mean"], g[f"{metric}_std"] = mean_std([r.get(metric) for r in members])
@@ -84,14 +82,13 @@ def _hashable(v):
 
 
 def add_gain(groups: list[dict], baseline_keys: list[str]) -> None:
-    """``gain_over_ce``: top-1 mean minus that of the CE group (method ce, no teacher) that agrees on
-    ``baseline_keys``; None for the baseline itself or when there is none."""
+    """``gain_over_ce``: top-1 mean minus that of the standard-training group (a student trained without a
+    teacher: CE) that agrees on ``baseline_keys``; None for such groups or when there is none."""
     base = {tuple(_hashable(g.get(k)) for k in baseline_keys): g["top1_mean"] for g in groups
-            if g.get("method") == "ce" and not g.get("teacher") and g.get("role", "student") == "student"}
+            if g["alone"] and g.get("role", "student") == "student"}
     for g in groups:
         ce = base.get(tuple(_hashable(g.get(k)) for k in baseline_keys))
-        is_ce = g.get("method") == "ce" and not g.get("teacher")
-        g["gain_over_ce"] = None if ce is None or is_ce or g["top1_mean"] is None else g["top1_mean"] - ce
+        g["gain_over_ce"] = None if ce is None or g["alone"] or g["top1_mean"] is None else g["top1_mean"] - ce
 
 
 def pct(mean: float | None, std: float | None = None) -> str:
@@ -259,7 +256,7 @@ def compare_groups(reports: list[tuple[Path, Report]]) -> tuple[list[str], list[
     add_gain(groups, setting_keys)
     # each setting together, its CE baseline first, then the methods by name
     groups.sort(key=lambda g: ([_order(g.get(k)) for k in setting_keys],
-                               g.get("method") != "ce" or bool(g.get("teacher")),
+                               not g["alone"],
                                [_order(g.get(k)) for k in shown if k in method_keys]))
     return shown, groups
 

@@ -57,7 +57,7 @@ class StudySpec(BaseModel):
         if v == "all" or v == ["all"]:
             from kdcli import methods
 
-            return [m for m in methods.available() if m != "ce"]
+            return [m for m in methods.available() if methods.get(m).uses_teacher]  # CE is trained anyway
         return [v] if isinstance(v, str) else v
 
     @field_validator("noise", "imbalance", mode="before")
@@ -97,7 +97,7 @@ def load(path: Path | None = None, preset: str | None = None) -> tuple[StudySpec
             raise KdcliError(f"unknown preset {preset!r}; presets: {', '.join(presets())}")
     where = f"preset {preset}" if preset else f"study spec {path}"
     if not path.is_file():
-        raise KdcliError(f"study spec {path} does not exist")
+        raise KdcliError(f"study spec {path} {'is not a file' if path.exists() else 'does not exist'}")
     text = path.read_text()
     try:
         raw = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
