@@ -64,14 +64,19 @@ def _top1(plt, table: dict):
     numeric = axis(settings)
     xs = numeric[1] if numeric else list(range(len(settings)))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, cells in table["rows"]:
+    # rows: the teacher (grey, dashed), CE (thick black), then the methods in colours that are neither
+    palette = plt.get_cmap("tab20").colors
+    colours = [c for i, c in enumerate(palette) if i % 2 == 0 and i != 14] + \
+              [c for i, c in enumerate(palette) if i % 2 == 1 and i != 15]
+    for i, (label, cells) in enumerate(table["rows"]):
         points = [(x, c["top1_mean"], c["top1_std"] or 0.0) for x, c in zip(xs, cells, strict=True)
                   if c is not None and c["top1_mean"] is not None]
         if not points:
             continue
         x, y, e = zip(*sorted(points), strict=True)
-        style = dict(color="black", linewidth=2.5, zorder=5) if label.startswith("ce ") else \
-            dict(color="grey", linestyle="--", linewidth=1.2) if label.startswith("teacher") else dict(linewidth=1.2)
+        style = (dict(color="grey", linestyle="--", linewidth=1.2) if i == 0 else
+                 dict(color="black", linewidth=2.5, zorder=5) if i == 1 else
+                 dict(color=colours[(i - 2) % len(colours)], linewidth=1.2))
         ax.errorbar(x, [100 * v for v in y], yerr=[100 * v for v in e], label=label, marker="o", markersize=3,
                     capsize=2, **style)
     if numeric:
