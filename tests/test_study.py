@@ -324,6 +324,10 @@ def test_compare_bad_inputs_are_one_line(hand_written, tmp_path, capsys):
     assert "does not exist" in fails(capsys, "compare", tmp_path / "nope")
     (tmp_path / "x.json").write_text("{}")
     assert "is not a kdcli run report" in fails(capsys, "compare", tmp_path / "x.json")
+    edited = json.loads(next(hand_written.rglob("report.json")).read_text())
+    del edited["config"]["seed"], edited["config"]["dataset"]  # a report whose config was edited by hand
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    assert "is not a kdcli run report" in fails(capsys, "compare", tmp_path / "edited.json")
     assert "--format" in fails(capsys, "compare", hand_written, "--format", "xml")
 
 

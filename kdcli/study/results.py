@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kdcli.config import RunConfig
 from kdcli.engine.report import Report
 from kdcli.errors import KdcliError
 from kdcli.study.plan import arch_name
@@ -31,7 +32,9 @@ FIRST_KEYS = ("dataset", "noise", "imbalance", "student", "teacher", "method", "
 
 def read_report(path: Path) -> Report:
     try:
-        return Report.model_validate_json(path.read_text())
+        report = Report.model_validate_json(path.read_text())
+        RunConfig.model_validate(report.config)  # a hand-edited config would break the grouping later
+        return report
     except (OSError, ValueError, ValidationError) as e:
         first = str(e).splitlines()[0][:120]
         raise KdcliError(f"{path} is not a kdcli run report ({first})") from None
