@@ -21,8 +21,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a line longer than the terminal (or than 80 columns in a log file) is never broken in two
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 # ----------------------------------------------------------------------------- shared options
 Dataset = Annotated[str | None, typer.Option(
@@ -48,6 +49,9 @@ Streaming = Annotated[bool, typer.Option(help="stream the training split (datase
 ShuffleBuffer = Annotated[int, typer.Option(help="shuffle buffer when streaming")]
 Augment = Annotated[str, typer.Option(help="auto | crop-flip | crop | none")]
 Workers = Annotated[int | None, typer.Option(help="data-loading processes [default: 0 for built-ins, else 8]")]
+MaxBad = Annotated[float, typer.Option(
+    help="unreadable images (undecodable, null) are skipped, named and counted; more than this fraction of a "
+         "split stops the run")]
 ImageColumn = Annotated[str | None, typer.Option(help="image column [default: detected]")]
 LabelColumn = Annotated[str | None, typer.Option(help="label column [default: detected]")]
 TrainSplit = Annotated[str | None, typer.Option(help="training split [default: train]")]
@@ -55,11 +59,14 @@ EvalSplit = Annotated[str | None, typer.Option(help="evaluation split [default: 
 Resume = Annotated[Path | None, typer.Option(
     help="continue the interrupted run in this folder (its own options are used)")]
 Overwrite = Annotated[bool, typer.Option(help="replace a finished or interrupted run in --out")]
+AutoResume = Annotated[bool, typer.Option(
+    help="continue the interrupted run in --out if its options are the same, else start it: one command line "
+         "for the first start and every requeue (sbatch --requeue)")]
 StopAfter = Annotated[int | None, typer.Option(
     help="stop after this epoch, leaving a run that --resume continues")]
 
 
-def _run(values: dict, resume: Path | None, overwrite: bool, required: tuple[str, ...],
+def _run(values: dict, resume: Path | None, overwrite: bool, auto_resume: bool, required: tuple[str, ...],
          stop_after_epoch: int | None) -> None:
     from kdcli.engine import loop
 
@@ -73,8 +80,8 @@ def _run(values: dict, resume: Path | None, overwrite: bool, required: tuple[str
         cfg = make_config(**{k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()})
     if stop_after_epoch is not None and stop_after_epoch < 1:
         raise KdcliError("invalid --stop-after-epoch: must be at least 1")
-    report = loop.run(cfg, overwrite=overwrite, resume=resume is not None, console=console,
-                      stop_after_epoch=stop_after_epoch)
+    report = loop.run(cfg, overwrite=overwrite, resume=resume is not None, auto_resume=auto_resume,
+                      console=console, stop_after_epoch=stop_after_epoch)
     if report is None:  # stopped early on purpose (--stop-after-epoch), or not the main process
         if stop_after_epoch is not None and not (Path(cfg.out) / "report.json").exists():
             console.print(f"stopped as asked; continue with: kdcli {cfg.command} --resume {cfg.out}")
@@ -108,20 +115,22 @@ def train(
     shuffle_buffer: ShuffleBuffer = default("shuffle_buffer"),
     augment: Augment = default("augment"),
     workers: Workers = None,
+    max_bad_fraction: MaxBad = default("max_bad_fraction"),
     image_column: ImageColumn = None,
     label_column: LabelColumn = None,
     train_split: TrainSplit = None,
     eval_split: EvalSplit = None,
     resume: Resume = None,
     overwrite: Overwrite = False,
+    auto_resume: AutoResume = False,
     stop_after_epoch: StopAfter = None,
 ) -> None:
     """Standard training (the study's baseline): cross-entropy on the labels, no teacher."""
     values = dict(locals())
-    for k in ("resume", "overwrite", "model", "model_weights", "stop_after_epoch"):
+    for k in ("resume", "overwrite", "auto_resume", "model", "model_weights", "stop_after_epoch"):
         values.pop(k)
     values.update(command="train", student=model, student_weights=model_weights, method="ce")
-    _run(values, resume, overwrite, ("student", "dataset", "out"), stop_after_epoch)
+    _run(values, resume, overwrite, auto_resume, ("student", "dataset", "out"), stop_after_epoch)
 
 
 @app.command()
@@ -157,22 +166,24 @@ def distill(
     shuffle_buffer: ShuffleBuffer = default("shuffle_buffer"),
     augment: Augment = default("augment"),
     workers: Workers = None,
+    max_bad_fraction: MaxBad = default("max_bad_fraction"),
     image_column: ImageColumn = None,
     label_column: LabelColumn = None,
     train_split: TrainSplit = None,
     eval_split: EvalSplit = None,
     resume: Resume = None,
     overwrite: Overwrite = False,
+    auto_resume: AutoResume = False,
     stop_after_epoch: StopAfter = None,
 ) -> None:
     """Distill a teacher into a student with a method from `kdcli methods` (or several: kd+at)."""
     values = dict(locals())
-    for k in ("resume", "overwrite", "method_arg", "stop_after_epoch"):
+    for k in ("resume", "overwrite", "auto_resume", "method_arg", "stop_after_epoch"):
         values.pop(k)
     values.update(command="distill", method_args=_key_values(method_arg or []),
                   student_stages=_int_list(student_stages, "--student-stages"),
                   teacher_stages=_int_list(teacher_stages, "--teacher-stages"))
-    _run(values, resume, overwrite, ("teacher", "student", "dataset", "out"), stop_after_epoch)
+    _run(values, resume, overwrite, auto_resume, ("teacher", "student", "dataset", "out"), stop_after_epoch)
 
 
 def _int_list(text: str | None, option: str) -> list[int] | None:
@@ -206,6 +217,7 @@ def evaluate(
     label_column: LabelColumn = None,
     precision: Precision = "fp32",
     workers: Workers = None,
+    max_bad_fraction: MaxBad = default("max_bad_fraction"),
     noise: Annotated[str | None, typer.Option(
         help="evaluate on a noisy copy of the split (like train's --noise)")] = None,
     imbalance: Annotated[str | None, typer.Option(help="evaluate on an imbalanced copy of the split")] = None,
@@ -223,12 +235,16 @@ def evaluate(
                                       teacher_weights=teacher_weights, batch_size=batch_size,
                                       image_column=image_column, label_column=label_column,
                                       precision=precision, workers=workers, noise=noise, imbalance=imbalance,
-                                      corruption_seed=corruption_seed, class_order=class_order)
+                                      corruption_seed=corruption_seed, class_order=class_order,
+                                      max_bad_fraction=max_bad_fraction)
     m = result.metrics.final
     table = Table(title=f"{checkpoint} on {dataset} [{result.data.eval_split}]")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("examples", str(m.num_examples))
+    skipped = (result.data.skipped or {}).get("eval", {}).get("count", 0)
+    if skipped:
+        table.add_row("skipped (unreadable)", str(skipped))
     table.add_row("top-1", f"{100 * m.top1:.2f}%")
     if m.top5 is not None:
         table.add_row("top-5", f"{100 * m.top5:.2f}%")
@@ -321,12 +337,22 @@ def study(
                               "print the commands again once these are done", highlight=False, soft_wrap=True)
         return
     source = f"spec{spec.suffix.lower() if spec is not None and spec.suffix.lower() == '.toml' else '.yaml'}"
+    import signal
+
+    from kdcli.engine.signals import Interrupted
+
+    def preempted(signum, frame):  # between runs (a run in progress saves itself first: see engine.signals)
+        raise Interrupted(signum, "preempted")
+
+    previous = signal.signal(signal.SIGTERM, preempted)
     try:
         res, summary = execute.run_study(parsed, runs, out, jobs=jobs, console=console, source=(source, text))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted) as e:
         err_console.print("interrupted: run the same command again to resume (finished runs are kept)",
                           highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(e.exit_code if isinstance(e, Interrupted) else 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     console.print(results.study_markdown(res, parsed), highlight=False, markup=False, soft_wrap=True)
     console.print(f"wrote {out}/results.json, results.csv, results.md and {len(res['plots'])} plots in {out}/plots",
                   highlight=False, soft_wrap=True)
@@ -384,6 +410,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    from kdcli.engine.signals import Interrupted
+
+    if not err_console.is_terminal:  # a log file gets kdcli's lines, not datasets' progress bars
+        import datasets
+
+        datasets.disable_progress_bars()
+
     try:
         app(args=argv, prog_name="kdcli")
     except KdcliError as e:
@@ -391,3 +424,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Interrupted as e:  # SIGTERM/SIGINT during a run: state saved, one line, 128 + signal
+        err_console.print(str(e), highlight=False, soft_wrap=True, markup=False)
+        sys.exit(e.exit_code)

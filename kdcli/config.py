@@ -42,6 +42,7 @@ class RunConfig(BaseModel):
     shuffle_buffer: int = Field(10_000, gt=0)
     augment: Literal["auto", "crop-flip", "crop", "none"] = "auto"
     workers: int | None = Field(None, ge=0)
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)  # unreadable examples skipped; more of a split: an error
     # optimisation (SGD with momentum, the field's CIFAR recipe: RepDistiller, Tian et al. 2020)
     epochs: int = Field(30, gt=0)
     batch_size: int = Field(64, gt=0)

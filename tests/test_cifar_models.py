@@ -86,9 +86,21 @@ def test_parameter_counts(name):
     assert millions == pytest.approx(KNOWN_PARAMS[name], rel=0.03, abs=0.005)
 
 
-def test_pretrained_raises():
-    with pytest.raises(ValueError, match="pretrained"):
-        timm.create_model("cifar_resnet20", pretrained=True)
+def test_pretrained_without_weights_source_raises():
+    # no weights are published: pretrained=True needs a source (local-dir:, hf-hub:, or a file in the overlay;
+    # those load through timm's own machinery, see tests/test_model_folder.py)
+    for name in ("cifar_resnet20", "cifar_vit_micro_p4"):
+        with pytest.raises(ValueError, match="No pretrained weights are published.*local-dir:"):
+            timm.create_model(name, pretrained=True)
+
+
+def test_features_only():
+    for name in ("cifar_resnet8", "cifar_wrn_16_1"):
+        model = _make(name, features_only=True)
+        with torch.no_grad():
+            maps = model(torch.randn(2, 3, 32, 32))
+        assert [m.shape[1] for m in maps] == model.feature_info.channels()
+        assert [32 // m.shape[-1] for m in maps] == [1, 1, 2, 4]
 
 
 def test_timm_plumbing_kwargs_accepted_and_unknown_rejected():

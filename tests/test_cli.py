@@ -187,17 +187,19 @@ def test_methods_lists_the_registry(capsys):
     assert all(name in out for name in methods.available()) and "T=4.0" in out and len(methods.available()) == 11
 
 
+# a finished run folder: the checkpoint, the report, and timm's config.json and model card
+FOLDER = ["README.md", "config.json", "model.safetensors", "report.json"]
 TWO_PROCESS_RUNS = {
-    "train": (["train", "--model", "cifar_resnet8"], ["model.safetensors", "report.json", "resume"]),
+    "train": (["train", "--model", "cifar_resnet8"], FOLDER),
     # a warm-up stage that reads one feature map: DDP must still finish its reduction
     "fitnet+kd": (["distill", "--teacher", "cifar_resnet14", "--student", "cifar_resnet8", "--method", "fitnet+kd",
-                   "--method-arg", "fitnet.warmup=0.5"], ["model.safetensors", "report.json", "resume"]),
+                   "--method-arg", "fitnet.warmup=0.5"], FOLDER),
     # an online peer: two wrapped models, and a peer evaluation that every process joins
     "dml": (["distill", "--teacher", "cifar_resnet14", "--student", "cifar_resnet8", "--method", "dml"],
-            ["model.safetensors", "peer.safetensors", "report.json", "resume"]),
+            sorted([*FOLDER, "peer.safetensors"])),
     # corrupted labels: each process derives the same labels; the diagnostics gather every example once
     "noise": (["train", "--model", "cifar_resnet8", "--noise", "symmetric:0.4", "--imbalance", "longtail:2"],
-              ["model.safetensors", "report.json", "resume"]),
+              FOLDER),
 }
 
 

@@ -131,7 +131,7 @@ def test_a_changed_spec_does_not_reuse_runs_silently(tiny, tmp_path, capsys):
     changed = tmp_path / "changed.yaml"
     changed.write_text(spec.read_text().replace("epochs: 1", "epochs: 3"))
     err = fails(capsys, "study", changed, "--out", out)
-    assert "was run with epochs=1, but the spec now says 3" in err
+    assert "started with other options (--epochs 1 → 3)" in err
 
 
 def test_interrupted_study_resumes_and_printed_commands_run_alone(tmp_path, capsys):
@@ -397,12 +397,16 @@ def test_workers_share_the_cores_and_spread_over_gpus():
     assert [worker_setup(i, 4, 16, ["2", "5"])[1] for i in range(4)] == ["2", "5", "2", "5"]
 
 
-def test_ctrl_c_leaves_a_study_that_the_same_command_finishes(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("stop, code", [(KeyboardInterrupt(), 130), (loop.Interrupted(15, "stopped by SIGTERM"), 143)])
+def test_ctrl_c_leaves_a_study_that_the_same_command_finishes(tmp_path, monkeypatch, capsys, stop, code):
+    """Ctrl-C, or a preempted run (SIGTERM: the run saved its state and stopped), stops the study with one
+    line and 128 + the signal; the same command finishes it."""
     real = loop.run
-    spec = _one_epoch_study_where(tmp_path, monkeypatch, "kd-", KeyboardInterrupt())
+    spec = _one_epoch_study_where(tmp_path, monkeypatch, "kd-", stop)
     with pytest.raises(SystemExit) as exc:
         kdcli("study", spec, "--out", tmp_path / "o")
-    assert exc.value.code == 130 and "run the same command again" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == code and "run the same command again" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "results.json").exists()
     monkeypatch.setattr(loop, "run", real)
     kdcli("study", spec, "--out", tmp_path / "o")

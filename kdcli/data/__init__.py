@@ -2,10 +2,23 @@
 
 ``open_data(spec, ...)`` returns a :class:`DataBundle` describing the dataset (classes, channels, size,
 splits) that hands out torch datasets of ``{"image", "label", "index"}`` items for training and evaluation.
+Batch them with ``collate_fn=bundle.collate`` (a :class:`SkipCollate`): unreadable examples are dropped and
+named under ``batch["skipped"]``; count them with a :class:`SkipTracker`.
 """
 
 from kdcli.data.builtin import BUILTIN_HELP
 from kdcli.data.bundle import DataBundle, ImageClassificationDataset, open_data
+from kdcli.data.skips import DEFAULT_MAX_BAD_FRACTION, SkipCollate, SkipTracker, skipped_line
 from kdcli.data.transforms import AUGMENTS
 
-__all__ = ["AUGMENTS", "BUILTIN_HELP", "DataBundle", "ImageClassificationDataset", "open_data"]
+__all__ = [
+    "AUGMENTS",
+    "BUILTIN_HELP",
+    "DEFAULT_MAX_BAD_FRACTION",
+    "DataBundle",
+    "ImageClassificationDataset",
+    "SkipCollate",
+    "SkipTracker",
+    "open_data",
+    "skipped_line",
+]

@@ -2,18 +2,25 @@
 
 Every item is ``{"image": float32 (C, S, S) in [0, 1], "label": int, "index": int}``, where ``index`` is the
 example's row in its split (the same streamed or map-style, on any number of processes), so that label
-corruption can be a pure function of (seed, index, label).
+corruption and augmentation can be pure functions of (seed, index, ...).
+
+Images are read undecoded and decoded here, one example at a time, with the column's own
+``datasets.Image`` feature: an example that does not decode (or transform) becomes
+``{"image": None, "label": -1, "index": i, "name": NAME}`` instead of failing the whole batch, and
+:attr:`DataBundle.collate` (the DataLoader ``collate_fn``) drops it, listing NAME under ``"skipped"``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from kdcli.data.skips import SkipCollate, bad_item, example_name
 from kdcli.data.source import resolve, short_reason
 from kdcli.data.transforms import ImageTransform, channels_for_mode, check_augment
 from kdcli.errors import KdcliError
@@ -25,19 +32,81 @@ HOLDOUT_SPLIT = "train[holdout]"
 HOLDOUT_FRACTION = 0.1
 INDEX_COLUMN = "index"
 STREAM_SHARDS = 64  # shards for streaming map-backed data: divisible by any power-of-two world size
+FIRST_IMAGE_TRIES = 50  # rows open_data tries, in order, to find one image that decodes
+
+
+def _decoder(feature=None):
+    """The ``datasets.Image`` feature that decodes one stored value (``{"bytes", "path"}``) as datasets would."""
+    import datasets
+
+    return datasets.Image(mode=getattr(feature, "mode", None))
+
+
+def _undecoded(split, image_column: str):
+    """A map-style split whose image column reads as stored values (``{"bytes", "path"}`` or None)."""
+    import datasets
+
+    feature = split.features.get(image_column)
+    if isinstance(feature, datasets.Image) and not feature.decode:
+        return split
+    return split.cast_column(image_column, datasets.Image(mode=getattr(feature, "mode", None), decode=False))
+
+
+def _decode_or_raise(decoder, value):
+    """A stored image value (``{"bytes", "path"}``) decoded as a PIL image; raises if it cannot be."""
+    from datasets.utils.file_utils import is_local_path
+
+    if value is None:
+        raise ValueError("no image (null value)")
+    path = value.get("path") if isinstance(value, dict) and value.get("bytes") is None else None
+    if path and is_local_path(path):
+        # a local file: read here, so that a file PIL gives up on is closed now rather than when collected
+        with open(path, "rb") as file:
+            value = {"bytes": file.read(), "path": path}
+    return decoder.decode_example(value)
+
+
+def _decode(decoder, value):
+    """A stored image value decoded (a PIL image), or None when it is null or does not decode."""
+    try:
+        return _decode_or_raise(decoder, value)
+    except Exception:  # anything unreadable is skipped (and counted) rather than fatal
+        return None
+
+
+def _item(transform: ImageTransform, image, value, label, index: int, epoch: int | None,
+          root: str | None) -> dict[str, Any]:
+    """One item: the decoded ``image`` transformed, or, when it is None or that fails, a bad item."""
+    if image is not None:
+        try:
+            return {"image": transform(image, index, epoch), "label": int(label), "index": index}
+        except Exception:  # e.g. a truncated file that PIL only notices when converting it
+            pass
+    return bad_item(example_name(value, index, root), index)
 
 
 class ImageClassificationDataset(torch.utils.data.Dataset):
-    """A torch map-style view of one split: ``{"image", "label", "index"}`` items, transformed per example."""
+    """A torch map-style view of one split: ``{"image", "label", "index"}`` items, transformed per example.
+
+    Unreadable examples come out as bad items (``"image": None``, see :mod:`kdcli.data.skips`): use
+    :class:`~kdcli.data.skips.SkipCollate` (``DataBundle.collate``) as the DataLoader's ``collate_fn``.
+    """
 
     def __init__(self, split, image_column: str, label_column: str, transform: ImageTransform,
-                 rows: np.ndarray | None = None, labels: np.ndarray | None = None):
-        self.split = split  # datasets.Dataset with (at least) the image and label columns
+                 rows: np.ndarray | None = None, labels: np.ndarray | None = None, image_feature=None,
+                 root: str | None = None):
+        self.split = _undecoded(split, image_column)  # datasets.Dataset with the image and label columns
         self.image_column = image_column
         self.label_column = label_column
         self.transform = transform
         self.rows = rows  # original row indices this view exposes (a corrupted, subsampled split), or all
         self.labels = labels  # labels by original row index (corrupted), or the column's
+        self.decoder = _decoder(image_feature or split.features.get(image_column))
+        self.root = root  # where the data's files are, to name unreadable ones
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch that picks the augmentation (a pure function of seed, epoch and original index)."""
+        self.transform.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.split) if self.rows is None else len(self.rows)
@@ -53,29 +122,34 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             indices = [int(self.rows[i]) for i in indices]
         rows = self.split[indices]
         labels = rows[self.label_column] if self.labels is None else [self.labels[i] for i in indices]
+        epoch = self.transform.epoch
+        values = rows[self.image_column]
+        # every image decoded, then every one transformed: measurably faster than one after the other
+        images = [_decode(self.decoder, value) for value in values]
         return [
-            {"image": self.transform(image), "label": int(label), "index": index}
-            for image, label, index in zip(rows[self.image_column], labels, indices, strict=True)
+            _item(self.transform, image, value, label, index, epoch, self.root)
+            for image, value, label, index in zip(images, values, labels, indices, strict=True)
         ]
 
 
 class _StreamExample:
-    """Picklable ``IterableDataset.map`` function: a raw example -> ``{"image", "label", "index"}``."""
+    """Picklable ``IterableDataset.map`` function: an undecoded example -> ``{"image", "label", "index"}``
+    (or a bad item, see :mod:`kdcli.data.skips`)."""
 
     def __init__(self, image_column: str, label_column: str, transform: ImageTransform,
-                 labels: np.ndarray | None = None):
+                 labels: np.ndarray | None = None, image_feature=None, root: str | None = None):
         self.image_column = image_column
         self.label_column = label_column
         self.transform = transform
         self.labels = labels  # corrupted labels by original row index, if any
+        self.decoder = _decoder(image_feature)
+        self.root = root
 
     def __call__(self, example: dict) -> dict[str, Any]:
         index = int(example[INDEX_COLUMN])
-        return {
-            "image": self.transform(example[self.image_column]),
-            "label": int(example[self.label_column] if self.labels is None else self.labels[index]),
-            "index": index,
-        }
+        label = example[self.label_column] if self.labels is None else self.labels[index]
+        value = example[self.image_column]
+        return _item(self.transform, _decode(self.decoder, value), value, label, index, None, self.root)
 
 
 class _KeptRow:
@@ -115,7 +189,8 @@ def _with_index_features(features, image_column: str):
     import datasets
 
     out = features.copy()
-    out[image_column] = datasets.Image()  # decoded downstream, after shuffling
+    mode = getattr(features.get(image_column), "mode", None)
+    out[image_column] = datasets.Image(mode=mode, decode=False)  # decoded by kdcli, after shuffling
     out[INDEX_COLUMN] = datasets.Value("int64")
     return out
 
@@ -152,6 +227,17 @@ class DataBundle:
     _eval_rows: Any = field(default=None, repr=False, compare=False)  # evaluation split, when corrupted on request
     _eval_labels: Any = field(default=None, repr=False, compare=False)
     _label_source: Any = field(default=None, repr=False, compare=False)  # a true stream's label column, in order
+    root: str | None = None  # folder of a local dataset (names unreadable files relative to it)
+    _image_feature: Any = field(default=None, repr=False, compare=False)  # datasets.Image that decodes the column
+    _epoch: int = field(default=0, repr=False, compare=False)
+    _train_sets: list = field(default_factory=list, repr=False, compare=False)  # augmenting map-style views
+    _stream_fns: list = field(default_factory=list, repr=False, compare=False)  # augmenting stream functions
+
+    @property
+    def collate(self) -> SkipCollate:
+        """The DataLoader ``collate_fn`` for this data (picklable): drops unreadable examples, stacks the rest,
+        and lists what it dropped under ``"skipped"`` (see :class:`~kdcli.data.skips.SkipCollate`)."""
+        return SkipCollate(self.in_chans, self.image_size)
 
     def corrupt(self, noise: str | None, imbalance: str | None, seed: int = 0,
                 class_order: str | None = None, split: str = "train") -> dict[str, Any]:
@@ -201,7 +287,8 @@ class DataBundle:
         return None if self.clean_labels is None else (self.clean_labels, self._noisy)
 
     def _transform(self, train: bool) -> ImageTransform:
-        return ImageTransform(self.in_chans, self.image_size, self.augment, train=train)
+        return ImageTransform(self.in_chans, self.image_size, self.augment, train=train, seed=self.seed,
+                              epoch=self._epoch)
 
     def _indexed_stream(self):
         """The training split as an unshuffled ``datasets.IterableDataset`` with an ``index`` column."""
@@ -212,7 +299,7 @@ class DataBundle:
                 # Shards are row ranges read by a generator, rather than Dataset.to_iterable_dataset over a
                 # table with an added index column: pickling those shards (DataLoader workers under spawn)
                 # copies the whole in-memory table or column once per shard.
-                split = self._train.cast_column(self.image_column, datasets.Image(decode=False))
+                split = _undecoded(self._train, self.image_column)
                 shards = min(STREAM_SHARDS, len(split))
                 edges = [len(split) * k // shards for k in range(shards + 1)]
                 self._stream_base = datasets.IterableDataset.from_generator(
@@ -231,10 +318,17 @@ class DataBundle:
         ignored (the caller shards, e.g. with accelerate). Streaming: a ``datasets.IterableDataset`` (a
         torch ``IterableDataset``) whose rows carry their original index, shuffled with a buffer and
         ``seed`` when ``train`` (reseeded by :meth:`set_epoch`), and split by node when ``world_size > 1``.
+
+        Augmentation (``train``) is a pure function of (``seed``, epoch, original index); the epoch is the
+        last :meth:`set_epoch`'s. Items of unreadable examples are bad items: batch with :attr:`collate`.
         """
         if not self.streaming:
-            return ImageClassificationDataset(self._train, self.image_column, self.label_column, self._transform(train),
-                                              rows=self._rows, labels=self._noisy)
+            dataset = ImageClassificationDataset(self._train, self.image_column, self.label_column,
+                                                 self._transform(train), rows=self._rows, labels=self._noisy,
+                                                 image_feature=self._image_feature, root=self.root)
+            if train and dataset.transform.augment != "none":
+                self._train_sets.append(dataset)
+            return dataset
         from datasets.distributed import split_dataset_by_node
 
         stream = self._indexed_stream()
@@ -247,23 +341,36 @@ class DataBundle:
         if world_size > 1:
             stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
         outputs = ("image", "label", INDEX_COLUMN)
+        function = _StreamExample(self.image_column, self.label_column, self._transform(train), labels=self._noisy,
+                                  image_feature=self._image_feature, root=self.root)
         stream = stream.map(
-            _StreamExample(self.image_column, self.label_column, self._transform(train), labels=self._noisy),
+            function,
             remove_columns=[c for c in (self.image_column, self.label_column) if c not in outputs] or None,
         )
         if train:
+            stream.set_epoch(self._epoch)
             self._iterables.append(stream)
+            if function.transform.augment != "none":
+                self._stream_fns.append(function)
         return stream
 
     def set_epoch(self, epoch: int) -> None:
-        """Reseed the streaming shuffle of the training datasets handed out so far; no-op for map-style."""
+        """Set the epoch of the training datasets handed out so far (and of those handed out later): it
+        reseeds the streaming shuffle, and picks every augmented example's crop and flip (map-style and
+        streamed). Call it before iterating: DataLoader workers started afterwards (and persistent ones,
+        the epoch being in shared memory) use it."""
+        self._epoch = int(epoch)
         for stream in self._iterables:
             stream.set_epoch(epoch)
+        for holder in (*self._train_sets, *self._stream_fns):
+            holder.transform.set_epoch(epoch)
 
     def eval_dataset(self) -> ImageClassificationDataset:
-        """The evaluation split: map-style, known length, no augmentation."""
+        """The evaluation split: map-style, known length, no augmentation; unreadable examples are bad items,
+        as in training (batch with :attr:`collate`)."""
         return ImageClassificationDataset(self._eval, self.image_column, self.label_column, self._transform(False),
-                                          rows=self._eval_rows, labels=self._eval_labels)
+                                          rows=self._eval_rows, labels=self._eval_labels,
+                                          image_feature=self._image_feature, root=self.root)
 
 
 def _corrupt_labels(cor, clean: np.ndarray, c: int, noise: str | None, imbalance: str | None, seed: int,
@@ -339,7 +446,8 @@ def open_data(
             raise KdcliError(f"the {eval_name!r} split of dataset {spec!r} is empty: pass another --eval-split")
 
     train, eval_, class_names = _labels(spec, train, eval_, label_col, train_name, eval_name)
-    first = _first_image(spec, train, image_col, train_name)
+    image_feature = train.features.get(image_col)
+    first = _first_image(spec, train, image_col, train_name, _decoder(image_feature))
     in_chans = channels_for_mode(first.mode)
     if image_size is None:
         image_size = min(first.size)
@@ -382,7 +490,16 @@ def open_data(
         _train=train,
         _eval=eval_,
         _label_source=label_source,
+        root=_data_root(raw),
+        _image_feature=image_feature,
     )
+
+
+def _data_root(raw) -> str | None:
+    """The folder a local dataset's files are in (an image folder, a parquet file's folder), else None."""
+    if raw.kind != "local":
+        return None
+    return raw.location if os.path.isdir(raw.location) else os.path.dirname(raw.location)
 
 
 def _column_names(split) -> list[str]:
@@ -569,25 +686,53 @@ def _labels(spec: str, train, eval_, label_col: str, train_name: str, eval_name:
     return train, eval_, names
 
 
-def _first_image(spec: str, train, image_col: str, train_name: str):
+def _first_image(spec: str, train, image_col: str, train_name: str, decoder):
+    """The first image of the training split that decodes (to learn channels and size): unreadable leading
+    rows are passed over, up to :data:`FIRST_IMAGE_TRIES` rows (read one at a time, for streams)."""
+    import itertools
+
     import datasets
+
+    def unreadable(exc: Exception) -> KdcliError:
+        return KdcliError(
+            f"could not read an image from column {image_col!r} of dataset {spec!r} ({short_reason(exc)}): "
+            "pass the right --image-column"
+        )
 
     try:
         if isinstance(train, datasets.IterableDataset):
-            example = next(iter(train.select_columns([image_col])), None)
+            rows = itertools.islice(iter(train.select_columns([image_col]).decode(False)), FIRST_IMAGE_TRIES)
+            values = (row[image_col] for row in rows)
         else:
-            example = train[0] if len(train) else None
-    except Exception as exc:  # e.g. strings that are not image paths, bytes that are not images
-        raise KdcliError(
-            f"could not read an image from column {image_col!r} of dataset {spec!r} ({short_reason(exc)}): "
-            "pass the right --image-column"
-        ) from exc
-    if example is None:
+            values = iter(_undecoded(train, image_col)[:FIRST_IMAGE_TRIES][image_col])
+    except Exception as exc:  # the column cannot even be read
+        raise unreadable(exc) from exc
+    tried, first_error = 0, None
+    while True:
+        try:
+            value = next(values, _END)
+        except Exception as exc:  # a stream that fails to read its next row
+            raise unreadable(exc) from exc
+        if value is _END:
+            break
+        tried += 1
+        try:
+            image = _decode_or_raise(decoder, value)
+        except Exception as exc:  # e.g. strings that are not image paths, bytes that are not images
+            first_error = first_error or exc
+            continue
+        if not hasattr(image, "mode"):
+            raise KdcliError(f"column {image_col!r} of dataset {spec!r} does not hold images: pass --image-column")
+        return image
+    if tried == 0:
         raise KdcliError(f"the {train_name!r} split of dataset {spec!r} is empty: pass another --train-split")
-    image = example[image_col]
-    if not hasattr(image, "mode"):
-        raise KdcliError(f"column {image_col!r} of dataset {spec!r} does not hold images: pass --image-column")
-    return image
+    raise KdcliError(
+        f"could not read an image from column {image_col!r} of dataset {spec!r} in its first {tried} rows "
+        f"({short_reason(first_error)}): pass the right --image-column, or fix the data"
+    )
+
+
+_END = object()
 
 
 __all__ = ["DataBundle", "ImageClassificationDataset", "open_data"]

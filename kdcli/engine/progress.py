@@ -1,4 +1,4 @@
-"""Progress: a live rich bar on a terminal, one line per epoch otherwise (main process only)."""
+"""Progress: a live rich bar on a terminal, one unwrapped line per epoch in any case (main process only)."""
 
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ class EpochProgress(AbstractContextManager):
             self.bar.stop()
         return False
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int | None) -> None:
+    def start_epoch(self, epoch: int, epochs: int, steps: int | None, done: int = 0) -> None:
         if self.bar is not None:
             if self.task is not None:
                 self.bar.remove_task(self.task)
-            self.task = self.bar.add_task(f"epoch {epoch}/{epochs}", total=steps, loss="")
+            self.task = self.bar.add_task(f"epoch {epoch}/{epochs}", total=steps, completed=done, loss="")
 
     def step(self, loss: float | None = None) -> None:
         if self.bar is not None:
@@ -39,4 +39,5 @@ class EpochProgress(AbstractContextManager):
 
     def line(self, text: str) -> None:
         if self.console is not None:
-            self.console.print(text, highlight=False)
+            # never wrapped: a log file or a scheduler's output gets one line per epoch
+            self.console.print(text, highlight=False, soft_wrap=True)

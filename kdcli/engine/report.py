@@ -70,6 +70,9 @@ class DataInfo(BaseModel):
     in_chans: int
     streaming: bool
     corruption: dict[str, Any] | None = None
+    skipped: dict[str, Any] | None = Field(
+        None, description="unreadable examples left out, per split: {count, examples: first names}; the "
+                          "training count is that of the last epoch")
 
 
 class Environment(BaseModel):

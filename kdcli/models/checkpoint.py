@@ -7,10 +7,11 @@ Files are written atomically: a temporary file in the same folder, then a rename
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,18 +42,45 @@ class ModelMeta(BaseModel):
     kdcli_version: str = __version__
 
 
-def atomic_path(path: Path):
-    """A temporary path beside ``path``; rename it onto ``path`` once complete."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+def atomic_path(path: Path) -> Path:
+    """A new empty temporary file beside ``path``; rename it onto ``path`` once complete.
+
+    Created with mode 0666 less the umask (0644 under the usual 022), as an ordinary file would be, so the
+    renamed file is readable by whoever may read the folder (``tempfile.mkstemp`` would make it 0600).
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+@functools.cache
+def _file_mode() -> int:
+    """0666 less the process's umask: the mode an ordinary new file gets."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def replace_atomic(tmp: Path, path: Path) -> None:
+    """Move a completed temporary file onto ``path``, with the mode an ordinary new file gets (some writers,
+    safetensors among them, create their files 0600 whatever the umask)."""
+    os.chmod(tmp, _file_mode())
+    os.replace(tmp, path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        replace_atomic(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save(path: Path, net: nn.Module, meta: ModelMeta) -> None:
@@ -61,7 +89,7 @@ def save(path: Path, net: nn.Module, meta: ModelMeta) -> None:
     tmp = atomic_path(path)
     try:
         save_model(net, str(tmp), metadata={META_KEY: meta.model_dump_json()})
-        os.replace(tmp, path)
+        replace_atomic(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -34,16 +34,21 @@ The networks follow timm's model interface: ``num_classes``, ``num_features``, `
 intermediate is the raw ``layer3`` output unless ``norm=True`` applies the final BN + ReLU (the convention of
 timm's pre-activation ResNetV2); the final features are always normalised.
 
-There are no pretrained weights: ``pretrained=True`` raises ``ValueError`` (kdcli loads its checkpoints
-separately).
+No weights are published, but the entrypoints use timm's ``build_model_with_cfg``, so timm's pretrained
+machinery loads trained ones: ``timm.create_model("local-dir:RUN_FOLDER", pretrained=True)`` (a finished kdcli
+run folder holds ``config.json`` and ``model.safetensors``), or
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=".../model.safetensors"))``. A kdcli
+checkpoint given as ``file`` also supplies its classes, channels, input size and mean/std, unless the overlay
+says otherwise. ``pretrained=True`` without a weights source raises ``ValueError``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from torch import nn
 
@@ -51,9 +56,6 @@ __all__ = ["BasicBlock", "WideBlock", "CifarNet", "CIFAR_MEAN", "CIFAR_STD", "CI
 
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
-
-# Keyword arguments that timm's create_model passes to every entrypoint; meaningless here.
-_TIMM_PLUMBING = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args")
 
 
 def _conv3x3(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
@@ -283,17 +285,69 @@ CIFAR_MODELS: dict[str, tuple[type[nn.Module], int, tuple[int, int, int], int]] 
 }
 
 
-def _create(name: str, pretrained: bool = False, **kwargs: Any) -> CifarNet:
+def _channel_stats(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
+    """Per-channel statistics for ``in_chans`` channels: as given, or their mean repeated."""
+    values = tuple(values)
+    return values if len(values) == in_chans else (round(sum(values) / len(values), 4),) * in_chans
+
+
+def _cfg(first_conv: str, classifier: str, interpolation: str) -> dict[str, Any]:
+    """The registered pretrained cfg: no weights source, CIFAR-100 input (32x32, its mean/std), 100 classes."""
+    return dict(input_size=(3, 32, 32), fixed_input_size=False, mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=100,
+                first_conv=first_conv, classifier=classifier, interpolation=interpolation, crop_pct=1.0)
+
+
+def _checkpoint_overlay(name: str, overlay: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A kdcli checkpoint named as the weights ``file`` describes itself: its classes, channels, input size,
+    mean/std and class names become defaults of the overlay (so the net is built to fit the weights)."""
+    file = (overlay or {}).get("file")
+    if not file or not str(file).endswith(".safetensors") or not Path(file).is_file():
+        return overlay
+    from kdcli.errors import KdcliError
+    from kdcli.models.checkpoint import read_meta
+
+    try:
+        meta = read_meta(Path(file))
+    except KdcliError:  # plain safetensors weights: timm's own rules apply
+        return overlay
+    if meta.architecture != name:
+        return overlay
+    return {"num_classes": meta.num_classes, "input_size": (meta.in_chans, meta.input_size, meta.input_size),
+            "mean": tuple(meta.mean), "std": tuple(meta.std), "label_names": tuple(meta.class_names), **overlay}
+
+
+def _build(model_cls: Any, name: str, pretrained: bool, kwargs: dict[str, Any], **build_args: Any) -> nn.Module:
+    """timm's ``build_model_with_cfg`` with the registered cfg (or the weights source's); the resulting cfg is
+    then made to describe the net as built: its classes (source ``label_names`` dropped when they differ) and
+    its input channels (``input_size``, and mean/std averaged over channels when their number differs)."""
+    overlay = _checkpoint_overlay(name, kwargs.pop("pretrained_cfg_overlay", None))
     if pretrained:
-        raise ValueError(
-            f"No pretrained weights exist for {name}: CIFAR nets are trained from scratch "
-            "(load a kdcli checkpoint separately)."
-        )
-    for key in _TIMM_PLUMBING:
-        kwargs.pop(key, None)
+        cfg = resolve_pretrained_cfg(name, kwargs.get("pretrained_cfg"), overlay)
+        if not (cfg.has_weights or cfg.state_dict):
+            raise ValueError(
+                f"No pretrained weights are published for {name}: train it with kdcli, then load the run folder "
+                "with timm.create_model('local-dir:RUN_FOLDER', pretrained=True) or pass "
+                "pretrained_cfg_overlay=dict(file='RUN_FOLDER/model.safetensors')")
+    model = build_model_with_cfg(model_cls, name, pretrained, pretrained_cfg_overlay=overlay, **build_args, **kwargs)
+    if not hasattr(model, "num_classes"):  # features_only: timm's feature wrapper, with timm's cfg
+        return model
+    cfg = dict(model.pretrained_cfg)
+    if cfg.get("num_classes") != model.num_classes:
+        cfg.pop("label_names", None)
+        cfg["num_classes"] = model.num_classes
+    chans = model.in_chans
+    if cfg["input_size"][0] != chans:
+        cfg.update(input_size=(chans, *cfg["input_size"][1:]), mean=_channel_stats(cfg["mean"], chans),
+                   std=_channel_stats(cfg["std"], chans))
+    model.pretrained_cfg = model.default_cfg = cfg
+    return model
+
+
+def _create(name: str, pretrained: bool = False, **kwargs: Any) -> CifarNet:
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     block, depth, widths, stem = CIFAR_MODELS[name]
-    model = CifarNet(block, depth, widths, stem, arch=name, **kwargs)
+    model = _build(CifarNet, name, pretrained, kwargs, block=block, depth_per_stage=depth, widths=widths,
+                   stem_width=stem, arch=name, feature_cfg=dict(out_indices=(0, 1, 2, 3)))
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model
@@ -311,10 +365,13 @@ def _make_entrypoint(name: str):
     entrypoint.__doc__ = (
         f"{name}: CIFAR {block.__name__} network, {depth} block(s) per stage, "
         f"stem width {stem}, stage widths {widths}.\n\n"
-        "Accepts ``num_classes`` (100), ``in_chans`` (3) and ``drop_rate`` (0.0); ``pretrained=True`` raises."
+        "Accepts ``num_classes`` (100), ``in_chans`` (3) and ``drop_rate`` (0.0); ``pretrained=True`` loads the "
+        "weights named by ``pretrained_cfg_overlay=dict(file=...)`` or a ``local-dir:`` / ``hf-hub:`` source."
     )
     return entrypoint
 
+
+default_cfgs = generate_default_cfgs({name: _cfg("conv1", "fc", "bilinear") for name in CIFAR_MODELS})
 
 for _name in CIFAR_MODELS:
     globals()[_name] = register_model(_make_entrypoint(_name))
@@ -333,29 +390,21 @@ CIFAR_VITS: dict[str, dict[str, int]] = {
 
 
 def _make_vit_entrypoint(name: str):
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
     def entrypoint(pretrained: bool = False, **kwargs: Any):
-        if pretrained:
-            raise ValueError(f"{name} has no pretrained weights; load a kdcli checkpoint instead")
-        for key in _TIMM_PLUMBING:
-            kwargs.pop(key, None)
-        kwargs.setdefault("num_classes", 100)
-        model = VisionTransformer(img_size=32, patch_size=4, mlp_ratio=2.0, dynamic_img_size=True,
-                                  **CIFAR_VITS[name], **kwargs)
-        chans = kwargs.get("in_chans", 3)
-        mean, std = (CIFAR_MEAN, CIFAR_STD) if chans == 3 else ((0.4782,) * chans, (0.2666,) * chans)
-        model.pretrained_cfg = model.default_cfg = {
-            "architecture": name, "input_size": (chans, 32, 32), "mean": mean, "std": std,
-            "num_classes": kwargs["num_classes"], "first_conv": "patch_embed.proj", "classifier": "head",
-            "interpolation": "bicubic", "crop_pct": 1.0}
-        return model
+        kwargs = {"img_size": 32, "patch_size": 4, "mlp_ratio": 2.0, "dynamic_img_size": True, **CIFAR_VITS[name],
+                  **kwargs}
+        return _build(VisionTransformer, name, pretrained, kwargs, pretrained_filter_fn=checkpoint_filter_fn,
+                      feature_cfg=dict(out_indices=3, feature_cls="getter"))
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"{name}: timm VisionTransformer with 4×4 patches for 32×32 images, {CIFAR_VITS[name]}."
     return entrypoint
 
+
+default_cfgs.update(generate_default_cfgs({name: _cfg("patch_embed.proj", "head", "bicubic") for name in CIFAR_VITS}))
 
 for _name in CIFAR_VITS:
     globals()[_name] = register_model(_make_vit_entrypoint(_name))

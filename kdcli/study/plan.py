@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from dataclasses import dataclass
@@ -18,8 +17,6 @@ from kdcli.errors import KdcliError
 from kdcli.study.spec import StudySpec
 
 MODEL_FILE = "model.safetensors"
-REPORT_FILE = "report.json"
-PROGRESS_FILE = Path("resume") / "progress.json"
 LOG_FILE = "log.txt"
 # the config keys that differ between two copies of one study (paths) and say nothing about the run
 PATH_KEYS = ("out", "teacher")
@@ -50,32 +47,19 @@ class Run:
     def state(self) -> str:
         """'done' (report written), 'interrupted' (resume state, no report) or 'pending'.
 
-        A run folder made with other options (the spec changed since) is an error, not a silent reuse.
+        The rule of ``--auto-resume``: a run folder made with other options (the spec changed since) is an
+        error, not a silent reuse.
         """
-        for path, state in ((self.out / REPORT_FILE, "done"), (self.out / PROGRESS_FILE, "interrupted")):
-            if path.is_file():
-                try:
-                    stored = json.loads(path.read_text())["config"]
-                except (ValueError, KeyError):
-                    raise KdcliError(f"{path} is unreadable: delete {self.out} to run it again") from None
-                _check_same(self, stored)
-                return state
-        return "pending"
+        from kdcli.engine import rundir
+
+        state = rundir.decide(self.out, self.cfg, auto_resume=True, ignore=PATH_KEYS)
+        return {"finished": "done", "interrupted": "interrupted", "fresh": "pending"}[state]
 
     def command(self) -> list[str]:
         """The kdcli command line that runs (or continues) this run alone."""
         if self.state() == "interrupted":
             return ["kdcli", self.cfg.command, "--resume", str(self.out)]
         return command_line(self.cfg)
-
-
-def _check_same(run: Run, stored: dict) -> None:
-    planned = run.cfg.model_dump()
-    for key in planned:
-        if key not in PATH_KEYS and stored.get(key) != planned[key]:
-            raise KdcliError(
-                f"{run.out} was run with {key}={stored.get(key)!r}, but the spec now says {planned[key]!r}: "
-                "use another --out for a changed spec, or delete that run folder to redo it")
 
 
 def ready(runs: list[Run]) -> tuple[list[Run], list[Run]]:

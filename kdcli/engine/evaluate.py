@@ -1,0 +1,68 @@
+"""``kdcli evaluate``: the metrics of a checkpoint on a dataset split, optionally against a teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdcli import methods, models
+from kdcli.config import RunConfig
+from kdcli.data import DEFAULT_MAX_BAD_FRACTION, DataBundle, open_data
+from kdcli.engine import report as rep
+from kdcli.engine.rundir import MODEL_FILE
+from kdcli.engine.session import Session, data_facts, default_workers, make_accelerator, make_loader
+from kdcli.errors import KdcliError
+from kdcli.models import checkpoint as ckpt
+
+
+def model_info(loaded: models.Loaded, path: Path | None = None) -> rep.ModelInfo:
+    file = path or (Path(loaded.path) if loaded.path else None)
+    return rep.ModelInfo(name=loaded.model.meta.architecture, source=loaded.source,
+                         path=str(file) if file else None, params=loaded.model.num_params,
+                         sha256=ckpt.sha256(file) if file else None)
+
+
+def data_info(data: DataBundle, corruption: dict | None = None, skipped: dict | None = None) -> rep.DataInfo:
+    return rep.DataInfo(dataset=data.name, source=data.source, train_split=data.train_split,
+                        eval_split=data.eval_split, num_classes=data.num_classes, class_names=data.class_names,
+                        num_train=data.num_train, num_eval=data.num_eval, image_size=data.image_size,
+                        in_chans=data.in_chans, streaming=data.streaming, corruption=corruption,
+                        skipped={k: v for k, v in (skipped or {}).items() if v is not None} or None)
+
+
+def evaluate_checkpoint(checkpoint: str, dataset: str, *, split: str | None = None, teacher: str | None = None,
+                        teacher_weights: str | None = None, batch_size: int = 128, image_column: str | None = None,
+                        label_column: str | None = None, precision: str = "fp32",
+                        workers: int | None = None, noise: str | None = None, imbalance: str | None = None,
+                        corruption_seed: int = 0, class_order: str | None = None,
+                        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> rep.EvalReport:
+    """Metrics of a kdcli checkpoint on a dataset split, optionally against a teacher. The split is used as
+    it is, unless ``noise``/``imbalance`` ask for it to be corrupted (then the report says how)."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir() and (path / MODEL_FILE).is_file():  # a run folder stands for its checkpoint
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise KdcliError(f"checkpoint {checkpoint} is not a file (nor a run folder holding {MODEL_FILE})")
+    meta = ckpt.read_meta(path, "--model")
+    data = open_data(dataset, image_size=meta.input_size, image_column=image_column, label_column=label_column,
+                     eval_split=split, augment="none")
+    corruption = (data.corrupt(noise, imbalance, corruption_seed, class_order, split="eval")
+                  if noise or imbalance else None)
+    facts = data_facts(data)
+    loaded = models.load(str(path), facts)
+    t_loaded = models.load(teacher, facts, weights=teacher_weights, option="--teacher") if teacher else None
+    cfg = RunConfig(command="train", student=str(path), dataset=dataset, out=".", batch_size=batch_size,
+                    precision=precision, workers=workers, max_bad_fraction=max_bad_fraction)
+    accelerator = make_accelerator(precision, 0)
+    model = loaded.model.to(accelerator.device).eval()
+    if t_loaded is not None:
+        t_loaded.model.to(accelerator.device).eval()
+    loader = accelerator.prepare(make_loader(data, data.eval_dataset(), batch_size,
+                                             workers if workers is not None else default_workers(data)))
+    sess = Session(cfg, accelerator, data, model, t_loaded.model if t_loaded else None, methods.build("ce"),
+                   None, None, loader, loaded, t_loaded, frozenset({"logits"}))
+    metrics = sess.evaluate()
+    return rep.EvalReport(created=rep.now(), checkpoint=model_info(loaded),
+                          teacher=model_info(t_loaded) if t_loaded else None,
+                          data=data_info(data, corruption, {"eval": sess.eval_skipped}),
+                          environment=rep.environment(str(accelerator.device), accelerator.num_processes, precision),
+                          metrics=rep.MetricsBlock(final=metrics))

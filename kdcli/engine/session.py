@@ -1,0 +1,282 @@
+"""A run's parts, built once from a RunConfig: accelerator, data, models, method, optimizer, loaders.
+
+:func:`build` assembles a :class:`Session`; :meth:`Session.train_step` is one optimisation step and
+:meth:`Session.evaluate` the metrics on the evaluation split. Nothing here writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from torch.utils.data import DataLoader, IterableDataset
+
+from kdcli import methods, models
+from kdcli.config import RunConfig
+from kdcli.data import DataBundle, SkipTracker, open_data
+from kdcli.engine import report as rep
+from kdcli.engine.metrics import Evaluator
+from kdcli.engine.signals import ignore_in_worker
+from kdcli.errors import KdcliError
+
+
+class TrainingDiverged(KdcliError):
+    """A loss term became NaN or infinite."""
+
+
+def data_facts(data: DataBundle) -> models.DataFacts:
+    return models.DataFacts(num_classes=data.num_classes, in_chans=data.in_chans, image_size=data.image_size,
+                            class_names=data.class_names, mean=data.mean, std=data.std)
+
+
+def open_run_data(cfg: RunConfig) -> DataBundle:
+    return open_data(cfg.dataset, image_size=cfg.image_size, image_column=cfg.image_column,
+                     label_column=cfg.label_column, train_split=cfg.train_split, eval_split=cfg.eval_split,
+                     streaming=cfg.streaming, augment=cfg.augment, seed=cfg.seed,
+                     shuffle_buffer=cfg.shuffle_buffer)
+
+
+def default_workers(data: DataBundle) -> int:
+    return 0 if data.source == "builtin" else min(8, os.cpu_count() or 1)
+
+
+def make_loader(data: DataBundle, dataset, batch_size: int, workers: int, **kwargs) -> DataLoader:
+    """A DataLoader over one of ``data``'s datasets: unreadable examples are dropped from the batches and
+    named in ``batch["skipped"]``; its workers leave signals to the main process."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=data.collate,
+                      worker_init_fn=ignore_in_worker if workers else None, **kwargs)
+
+
+def _no_accelerator() -> bool:
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6 knows every accelerator kind
+    return not (acc.is_available() if acc is not None else torch.cuda.is_available())
+
+
+def make_accelerator(precision: str, seed: int, find_unused_parameters: bool = False) -> Accelerator:
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    try:
+        # cpu=True on a machine without an accelerator lets several launched processes use gloo.
+        # Feature methods leave some parameters without gradient in one stage (the upper student layers
+        # during a hint warm-up, connectors after it), which DDP must be told about.
+        return Accelerator(mixed_precision=mixed, cpu=_no_accelerator(),
+                           kwargs_handlers=[DistributedDataParallelKwargs(
+                               find_unused_parameters=find_unused_parameters)],
+                           dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
+    except ValueError as e:
+        raise KdcliError(f"--precision {precision} is not available here: {str(e).splitlines()[0]}") from None
+
+
+@dataclass
+class Session:
+    """Everything one run is made of, built once from a RunConfig."""
+
+    cfg: RunConfig
+    accelerator: Accelerator
+    data: DataBundle
+    student: torch.nn.Module  # Classifier, possibly wrapped for distribution
+    teacher: models.Classifier | None
+    method: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    student_info: models.Loaded
+    teacher_info: models.Loaded | None
+    needs: frozenset[str]
+    online: bool = False  # the teacher trains too (DML): it is a peer, not a fixed teacher
+    uses_teacher: bool = True  # the method reads the teacher's outputs (ce does not)
+    corruption: dict | None = None  # what was done to the training split, as measured
+    warmup_epochs: int = 0  # epochs of the method's warm-up stage, run before cfg.epochs
+    teacher_eval_logits: list[torch.Tensor] = field(default_factory=list)
+    eval_skipped: dict | None = None  # unreadable evaluation examples of the last evaluation
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def unwrapped_student(self) -> models.Classifier:
+        return self.accelerator.unwrap_model(self.student)
+
+    def unwrapped_teacher(self) -> models.Classifier | None:
+        return None if self.teacher is None else self.accelerator.unwrap_model(self.teacher)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.warmup_epochs + self.cfg.epochs
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns the detached loss terms."""
+        with self.accelerator.autocast():
+            t = None
+            if self.online:
+                t = self.teacher(images, self.needs)  # a peer: it learns from its own terms
+            elif self.teacher is not None and self.uses_teacher:
+                # teacher first: its activations are freed before the student's graph is built
+                with torch.inference_mode():
+                    t = self.teacher(images, self.needs)
+                t = t.map(torch.Tensor.clone)  # inference tensors cannot take part in autograd
+            s = self.student(images, self.needs)
+            terms = self.method(s, t, labels, images=images)  # warm-up or main terms: see use_warmup
+        loss = sum(terms.values())
+        if self.accelerator.num_processes > 1:
+            # DDP expects every output of a wrapped model to reach the loss; a stage that uses only some
+            # (a hint warm-up reads one feature map) would otherwise leave its reduction unfinished
+            outs = s.tensors() + (t.tensors() if self.online else [])
+            loss = loss + 0.0 * sum(o.float().sum() for o in outs)
+        if not torch.isfinite(loss):
+            bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "loss")
+            raise TrainingDiverged(f"loss term {bad!r} became {float(terms.get(bad, loss).detach())}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        return {k: v.detach() for k, v in terms.items()}
+
+    @torch.no_grad()
+    def evaluate(self, peer: bool = False) -> rep.Metrics:
+        """Metrics of the student (or, with ``peer``, of an online teacher against the student).
+
+        Unreadable evaluation examples are left out and counted in ``eval_skipped`` (over the limit of
+        ``--max-bad-fraction``: one clear error)."""
+        model, other = (self.teacher, self.student) if peer else (self.student, self.teacher)
+        modes = [(m, m.training) for m in (self.student, self.teacher) if m is not None]
+        for m, _ in modes:
+            m.eval()
+        ev = Evaluator(self.data.num_classes, self.data.class_names, with_teacher=other is not None)
+        tracker = SkipTracker("eval", self.data.num_eval, self.cfg.max_bad_fraction)
+        gather = RowGatherer(self.accelerator)
+        # a fixed teacher on fixed eval data gives the same logits every epoch: compute them once
+        cache = self.teacher_eval_logits if not (self.online or peer) else []
+        for i, batch in enumerate(self.eval_loader):
+            tracker.add(batch["skipped"])
+            images, labels = batch["image"].to(self.device), batch["label"].to(self.device)
+            with self.accelerator.autocast():
+                logits = model(images).logits if len(images) else images.new_zeros((0, self.data.num_classes))
+                other_logits = None
+                if other is not None and i >= len(cache):
+                    other_logits = other(images).logits if len(images) else logits
+            rows = gather(batch["index"].to(self.device), logits, labels, other_logits)
+            if other is not None:
+                if i >= len(cache):
+                    cache.append(rows[3].cpu())
+                other_logits = cache[i]
+            if len(rows[0]):
+                ev.update(rows[1], rows[2], other_logits)
+        for m, training in modes:
+            m.train(training)
+        self.eval_skipped = merged(self.accelerator, tracker).report()
+        return ev.compute()
+
+
+class RowGatherer:
+    """Gathers per-example rows from every process, once each: batches may differ in size across processes
+    (unreadable examples are dropped) and a distributed sampler repeats examples to even out the last batch,
+    so rows are padded, gathered, and kept once per example index. One process: the rows as they are."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.seen: set[int] = set()
+
+    def __call__(self, index: torch.Tensor, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return [index, *tensors]
+        rows = [index, *(t for t in tensors if t is not None)]
+        rows = [acc.gather(acc.pad_across_processes(t, dim=0, pad_index=-1)) for t in rows]
+        keep = []
+        for j, k in enumerate(rows[0].tolist()):
+            if k >= 0 and k not in self.seen:  # not padding, not met before (in this batch or an earlier one)
+                self.seen.add(k)
+                keep.append(j)
+        keep_t = torch.tensor(keep, dtype=torch.long, device=rows[0].device)
+        picked = iter([t.index_select(0, keep_t) for t in rows])
+        out = [next(picked)]
+        out += [next(picked) if t is not None else None for t in tensors]
+        return out
+
+
+def merged(accelerator: Accelerator, tracker: SkipTracker) -> SkipTracker:
+    """``tracker`` with the counts of every other process's tracker of the same split (a collective)."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        mine = tracker.report()
+        total = SkipTracker(tracker.split, tracker.total, tracker.max_fraction)
+        for report in gather_object([mine]):
+            total.merge(report)
+        return total
+    return tracker
+
+
+def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
+    """Data, models, method, optimizer and loaders for ``cfg`` (nothing is trained or written)."""
+    accelerator = accelerator or make_accelerator(cfg.precision, cfg.seed)
+    if accelerator.device.type == "cpu":
+        # Normalised inputs drive some activations and gradients into denormal floats, which x86 CPUs
+        # process many times slower (measured: ~15% of a step); flushing them to zero changes nothing else.
+        torch.set_flush_denormal(True)
+    set_seed(cfg.seed)
+    mspec = methods.spec(cfg.method, cfg.method_args)
+    if mspec.uses_teacher and not cfg.teacher:
+        raise KdcliError(f"method {cfg.method!r} needs a teacher (a peer, for online methods): pass --teacher")
+    data = open_run_data(cfg)
+    corruption = (data.corrupt(cfg.noise, cfg.imbalance, cfg.corruption_seed, cfg.class_order)
+                  if cfg.noise or cfg.imbalance else None)
+    facts = data_facts(data)
+    student_info = models.load(cfg.student, facts, weights=cfg.student_weights,
+                               option="--model" if cfg.command == "train" else "--student")
+    teacher_info = None
+    if cfg.teacher:
+        teacher_info = models.load(cfg.teacher, facts, weights=cfg.teacher_weights, option="--teacher")
+    needs, online = mspec.needs, mspec.online
+    student = student_info.model
+    teacher = teacher_info.model if teacher_info else None
+    if teacher is not None and needs & {"features", "preact"}:
+        models.match_stages(student, teacher, cfg.student_stages, cfg.teacher_stages)
+    s_shapes = student.shapes(needs, data.image_size)
+    t_shapes = teacher.shapes(needs, data.image_size) if teacher is not None else None
+    try:
+        method = mspec.build(s_shapes, t_shapes)
+    except ValueError as e:  # a method that cannot work with these models, e.g. too few stages
+        raise KdcliError(f"--method {cfg.method}: {e}") from None
+
+    # One SGD over the student, the method's modules and (online methods) the peer: per-parameter state
+    # makes it the same as one optimizer per network with the same settings.
+    params = [p for p in student.parameters() if p.requires_grad] + list(method.parameters())
+    if online:
+        params += list(teacher.parameters())
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    workers = cfg.workers if cfg.workers is not None else default_workers(data)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train_ds = data.train_dataset(rank, world)
+    streaming = isinstance(train_ds, IterableDataset)
+    drop_last = not streaming and data.num_train is not None and data.num_train >= cfg.batch_size * world
+    train_loader = make_loader(data, train_ds, cfg.batch_size, workers, shuffle=not streaming, drop_last=drop_last)
+    eval_loader = make_loader(data, data.eval_dataset(), cfg.batch_size * 2, workers)
+
+    trained = [student]
+    if teacher is not None and online:
+        trained.append(teacher.train())
+    elif teacher is not None:
+        teacher.to(accelerator.device).eval().requires_grad_(False)
+    if any(p.requires_grad for p in method.parameters()):
+        trained.append(method)
+    else:
+        method.to(accelerator.device)
+    *trained, optimizer, eval_loader = accelerator.prepare(*trained, optimizer, eval_loader)
+    student = trained[0]
+    if online:
+        teacher = trained[1]
+    if len(trained) > (2 if online else 1):
+        method = trained[-1]
+    if not streaming:  # a streamed split is already divided between processes by the data layer
+        train_loader = accelerator.prepare(train_loader)
+    accelerator.unwrap_model(method).bind(student, teacher)
+    return Session(cfg, accelerator, data, student, teacher, method, optimizer, train_loader, eval_loader,
+                   student_info, teacher_info, needs, online=online, uses_teacher=mspec.uses_teacher,
+                   corruption=corruption,
+                   warmup_epochs=accelerator.unwrap_model(method).warmup_epochs(cfg.epochs))
+
+
