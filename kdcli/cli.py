@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -413,9 +414,10 @@ def main(argv: list[str] | None = None) -> None:
     from kdcli.engine.signals import Interrupted
 
     if not err_console.is_terminal:  # a log file gets kdcli's lines, not datasets' progress bars
-        import datasets
-
-        datasets.disable_progress_bars()
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
+        else:  # read when datasets is imported (importing it here would slow every command down)
+            os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
     try:
         app(args=argv, prog_name="kdcli")
@@ -427,3 +429,9 @@ def main(argv: list[str] | None = None) -> None:
     except Interrupted as e:  # SIGTERM/SIGINT during a run: state saved, one line, 128 + signal
         err_console.print(str(e), highlight=False, soft_wrap=True, markup=False)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a run: stop at once
+        if debug:
+            raise
+        err_console.print("interrupted (a run keeps the resume state it last saved: continue it with "
+                          "--auto-resume)", highlight=False, soft_wrap=True)
+        sys.exit(130)

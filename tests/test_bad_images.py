@@ -455,3 +455,15 @@ def test_two_processes_count_bad_images_once(bad_folder, tmp_path):
     assert data["skipped"]["eval"]["count"] == 1
     metrics = json.loads((tmp_path / "ddp" / "report.json").read_text())["metrics"]["final"]
     assert metrics["num_examples"] == 8  # each readable test image once, none twice
+
+
+def test_a_streamed_run_skips_and_counts_bad_images(bad_folder, tmp_path):
+    from kdcli.engine.report import Report
+
+    out = tmp_path / "run"
+    _cli("train", "--model", "cifar_resnet8", "--dataset", bad_folder, "--streaming", "--epochs", "1",
+         "--batch-size", "7", "--workers", "2", "--max-bad-fraction", "0.2", "--out", out)
+    report = Report.model_validate_json((out / "report.json").read_text())
+    assert report.data.streaming and set(report.data.skipped["train"]["examples"]) == TRAIN_BAD
+    assert report.data.skipped["train"]["count"] == 2 and report.data.skipped["eval"]["count"] == 1
+    assert report.history[0].images == 40

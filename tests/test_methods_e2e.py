@@ -29,9 +29,9 @@ def test_the_study_methods_are_all_registered():
     assert set(DISTILL) >= {"kd", "fitnet", "at", "fsp", "ft", "ab", "bss", "rkd", "sp", "dml"}
 
 
-def _session(method: str, teacher: str, student: str, **args) -> loop.Session:
+def _session(method: str, teacher: str, student: str, lr: float = 0.01, **args) -> loop.Session:
     cfg = RunConfig(command="distill", teacher=teacher, student=student, method=method, dataset=DATA,
-                    batch_size=16, lr=0.01, out=tempfile.mkdtemp(), method_args=args)
+                    batch_size=16, lr=lr, out=tempfile.mkdtemp(), method_args=args)
     return loop.build(cfg)
 
 
@@ -41,13 +41,18 @@ def test_loss_goes_down_for_every_pair(method, pair):
     stages = [True, False] if "warmup" in methods.get(method).defaults() else [False]
     for warmup in stages:  # each stage's objective on its own, from the same fresh start
         torch.manual_seed(0)
-        sess = _session(method, *PAIRS[pair])
+        # A step size small enough for steady descent on every pair: at lr 0.01 some trajectories (kd, bss,
+        # dml on resnet18 -> mobilenetv3) oscillate and climb back, so "the last losses are below the first"
+        # held on one CPU and failed on another. At 0.003 the mean of the last 4 of 12 losses is at most
+        # 0.97 of the first for every method, pair and stage over 3 seeds (most far lower): a systematic
+        # descent, with a margin orders of magnitude above floating-point differences between machines.
+        sess = _session(method, *PAIRS[pair], lr=0.003)
         batch = next(iter(sess.train_loader))
         images, labels = batch["image"], batch["label"]
         sess.accelerator.unwrap_model(sess.method).use_warmup(warmup)
         losses = [float(sum(sess.train_step(images, labels).values())) for _ in range(12)]
         assert all(torch.isfinite(torch.tensor(losses)))
-        assert min(losses[-3:]) < losses[0], (warmup, losses)
+        assert sum(losses[-4:]) / 4 < 0.99 * losses[0], (warmup, losses)
         assert not sess.teacher.training or sess.online  # a fixed teacher stays in eval mode
 
 

@@ -72,17 +72,22 @@ TIMM_ONLY = textwrap.dedent("""
 """)
 
 
+def _timm_only(tmp_path, folder, images):
+    """Run TIMM_ONLY on ``folder`` with ``images``: (what it printed, the logits it computed)."""
+    io = tmp_path / "io"
+    io.mkdir()
+    save_file({"images": images}, str(io / "images.safetensors"))
+    proc = subprocess.run([sys.executable, "-c", TIMM_ONLY, str(folder), str(io)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), load_file(str(io / "logits.safetensors"))["logits"]
+
+
 def test_timm_alone_loads_a_timm_native_run_folder(tmp_path):
     out, model = _export(tmp_path, "resnet10t", RGB)
     assert {p.name for p in out.iterdir()} == FILES  # no temporary files left behind
     x = _images(RGB)
-    io = tmp_path / "io"
-    io.mkdir()
-    save_file({"images": x}, str(io / "images.safetensors"))
-    proc = subprocess.run([sys.executable, "-c", TIMM_ONLY, str(out), str(io)], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got, timm_logits = _timm_only(tmp_path, out, x)
     assert got["kdcli"] is False and got["arch"] == "resnet10t"
     assert got["label_names"] == RGB.class_names
     cfg = got["data_config"]
@@ -91,7 +96,7 @@ def test_timm_alone_loads_a_timm_native_run_folder(tmp_path):
     assert cfg["crop_pct"] == 1.0
     with torch.no_grad():
         expected = model(x).logits
-    torch.testing.assert_close(load_file(str(io / "logits.safetensors"))["logits"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(timm_logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_timm_transform_matches_kdcli_preprocessing(tmp_path):
@@ -246,3 +251,25 @@ def test_model_card_of_an_online_run_and_a_hub_initialised_student(tmp_path):
     assert "Student: `hf-hub:someone/cifar_resnet8.digits@main`, initialised from its Hugging Face Hub" in card
     assert "| peer `cifar_resnet14` (not these weights) | 91.11 |" in card
     assert "`cifar_resnet8` trained alongside `cifar_resnet14` with `dml` on `digits`" in card
+
+
+def test_a_real_run_folder_loads_in_plain_timm_with_the_run_s_own_evaluation(tmp_path):
+    """``kdcli train`` on a timm-native architecture; plain timm (no kdcli import) loads the run folder and,
+    on the evaluation images, gives the logits kdcli's own evaluation gives: the same top-1 as the report."""
+    from kdcli.data import open_data
+    from tests.test_cli import kdcli
+
+    out = tmp_path / "run"
+    kdcli("train", "--model", "resnet10t", "--dataset", "synthetic:16:4:64", "--epochs", "2", "--batch-size", "16",
+          "--out", out)
+    report = Report.model_validate_json((out / "report.json").read_text())
+    data = open_data("synthetic:16:4:64")
+    items = [data.eval_dataset()[i] for i in range(data.num_eval)]
+    x, y = torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
+    got, timm_logits = _timm_only(tmp_path, out, x)
+    assert got["kdcli"] is False
+    with torch.no_grad():
+        kdcli_logits = models.load(str(out / "model.safetensors"), models.DataFacts(
+            num_classes=4, in_chans=3, image_size=16, class_names=report.data.class_names)).model.eval()(x).logits
+    torch.testing.assert_close(timm_logits, kdcli_logits, atol=1e-5, rtol=1e-5)
+    assert (timm_logits.argmax(1) == y).float().mean().item() == pytest.approx(report.metrics.final.top1)

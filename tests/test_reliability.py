@@ -262,3 +262,16 @@ def test_interrupted_run_tells_how_to_continue_even_when_quick(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and len(err.strip().splitlines()) == 1 and "SIGTERM" in err
     assert not (out / "report.json").exists()
+
+
+def test_first_signal_asks_to_stop_a_second_ctrl_c_stops_at_once():
+    from kdcli.engine.signals import StopOnSignal
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM and stop.requested() == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGTERM  # the first one decides the exit status
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

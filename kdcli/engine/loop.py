@@ -81,11 +81,11 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, auto_r
         if state == "finished":  # --auto-resume on a run that already ended: nothing to do
             return rep.Report.model_validate_json((out / REPORT_FILE).read_text()) if main else None
         sess = build(cfg, accelerator)
+        _check_stop(stop, sess, None)  # a signal while building: stop before the folder is touched
         if overwrite and main:
             rundir.clear(out)
         accelerator.wait_for_everyone()
         pos = res.load(sess, out) if state == "interrupted" else res.Position()
-        _check_stop(stop, sess, None)
         started = time.time() - pos.elapsed
         metrics = None
         with EpochProgress(console, enabled=main) as progress:
@@ -140,7 +140,7 @@ def _check_stop(stop: StopOnSignal, sess: Session, where: str | None) -> None:
     cfg, out = sess.cfg, sess.cfg.out
     name = signal.Signals(signum).name
     if where is None:
-        raise Interrupted(signum, f"stopped by {name} before training started; nothing was saved")
+        raise Interrupted(signum, f"stopped by {name} before training started; {out} was left as it was")
     raise Interrupted(signum, f"stopped by {name} {where}; resume state saved in {out}/{RESUME_DIR}: continue with "
                               f"`kdcli {cfg.command} --resume {out}` (or the same command with --auto-resume)")
 

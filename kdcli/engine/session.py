@@ -39,8 +39,16 @@ def open_run_data(cfg: RunConfig) -> DataBundle:
                      shuffle_buffer=cfg.shuffle_buffer)
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (a scheduler's or taskset's affinity mask), not all the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_workers(data: DataBundle) -> int:
-    return 0 if data.source == "builtin" else min(8, os.cpu_count() or 1)
+    return 0 if data.source == "builtin" else min(8, usable_cpus())
 
 
 def make_loader(data: DataBundle, dataset, batch_size: int, workers: int, **kwargs) -> DataLoader:

@@ -26,6 +26,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from kdcli.engine.session import usable_cpus
 from kdcli.study.plan import LOG_FILE, Run
 
 
@@ -134,7 +135,7 @@ def execute(todo: list[Run], finished: set[Path], *, jobs: int, console: Console
     else:
         context = get_context("spawn")
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
-                                   initargs=(context.Value("i", 0), jobs, os.cpu_count() or 1, visible_gpus()))
+                                   initargs=(context.Value("i", 0), jobs, usable_cpus(), visible_gpus()))
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), _LogTail(), console=console, disable=not console.is_terminal)
     total = bar.add_task("study", total=len(todo))
