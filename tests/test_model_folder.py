@@ -231,8 +231,15 @@ def test_model_card_for_training_without_teacher_and_without_report(tmp_path):
     assert {p.name for p in bare.iterdir()} == FILES and "## Results" in (bare / "README.md").read_text()
 
 
-def test_import_kdcli_registers_the_cifar_models():
-    code = "import sys, kdcli, timm; print(timm.is_model('cifar_resnet8'), timm.is_model('cifar_vit_micro_p4'))"
+@pytest.mark.parametrize("code", [
+    # kdcli first: torch and timm are not imported by kdcli itself (every kdcli command starts fast) ...
+    "import sys, kdcli; assert 'torch' not in sys.modules and 'timm' not in sys.modules; import timm",
+    # ... and registered when timm comes, however it is imported
+    "import kdcli; from timm.models import create_model as c; import timm",
+    "import timm, kdcli",  # timm first: registered at once
+])
+def test_import_kdcli_registers_the_cifar_models(code):
+    code += "; print(timm.is_model('cifar_resnet8'), timm.is_model('cifar_vit_micro_p4'))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["True", "True"]

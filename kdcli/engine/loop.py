@@ -103,6 +103,10 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, auto_r
         if main:
             report = finish(sess, out, metrics, pos.best, pos.history, started, peer_metrics, pos.skipped)
         accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        # every process leaves the process group together: left to interpreter exit, gloo's threads could
+        # still be running and abort one process ("terminate called without an active exception")
+        accelerator.end_training()
     return report
 
 
