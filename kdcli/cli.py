@@ -45,10 +45,15 @@ Imbalance = Annotated[str | None, typer.Option(help="class imbalance on the trai
 CorruptionSeed = Annotated[int, typer.Option(help="seed of the corruption (a pure function of seed, index, label)")]
 ClassOrder = Annotated[str | None, typer.Option(
     help="class order of the imbalance profile: a permutation 3,1,0,2 or random:SEED [default: class index]")]
-ImageSize = Annotated[int | None, typer.Option(help="resize images to this square size [default: native]")]
+ImageSize = Annotated[int | None, typer.Option(
+    help="the student's input size [default: a pretrained timm model's own, else the data's native size]")]
+NumClasses = Annotated[int | None, typer.Option(
+    help="number of classes, for integer labels whose largest value is not the last class")]
 Streaming = Annotated[bool, typer.Option(help="stream the training split (datasets.IterableDataset)")]
 ShuffleBuffer = Annotated[int, typer.Option(help="shuffle buffer when streaming")]
-Augment = Annotated[str, typer.Option(help="auto | crop-flip | crop | none")]
+Augment = Annotated[str, typer.Option(
+    help="auto | cifar (pad-crop + flip; crop-flip is an alias) | imagenet (random-resized crop + flip) | "
+         "randaugment (imagenet + rand-m9-mstd0.5-inc1) | crop | none; auto: cifar up to 64 px, imagenet above")]
 Workers = Annotated[int | None, typer.Option(help="data-loading processes [default: 0 for built-ins, else 8]")]
 MaxBad = Annotated[float, typer.Option(
     help="unreadable images (undecodable, null) are skipped, named and counted; more than this fraction of a "
@@ -97,6 +102,8 @@ def train(
     model: Annotated[str | None, typer.Option(help="timm model name, cifar_* name, or kdcli checkpoint")] = None,
     model_weights: Annotated[str | None, typer.Option(
         help="weights (.safetensors, or .pth/.bin read with weights_only) for a named architecture")] = None,
+    pretrained: Annotated[bool, typer.Option(
+        help="start from timm's pretrained weights for --model (e.g. resnet50.a1_in1k, hf-hub:...)")] = False,
     dataset: Dataset = None,
     out: Out = None,
     epochs: Epochs = default("epochs"),
@@ -112,6 +119,7 @@ def train(
     corruption_seed: CorruptionSeed = 0,
     class_order: ClassOrder = None,
     image_size: ImageSize = None,
+    num_classes: NumClasses = None,
     streaming: Streaming = False,
     shuffle_buffer: ShuffleBuffer = default("shuffle_buffer"),
     augment: Augment = default("augment"),
@@ -128,9 +136,10 @@ def train(
 ) -> None:
     """Standard training (the study's baseline): cross-entropy on the labels, no teacher."""
     values = dict(locals())
-    for k in ("resume", "overwrite", "auto_resume", "model", "model_weights", "stop_after_epoch"):
+    for k in ("resume", "overwrite", "auto_resume", "model", "model_weights", "pretrained", "stop_after_epoch"):
         values.pop(k)
-    values.update(command="train", student=model, student_weights=model_weights, method="ce")
+    values.update(command="train", student=model, student_weights=model_weights, student_pretrained=pretrained,
+                  method="ce")
     _run(values, resume, overwrite, auto_resume, ("student", "dataset", "out"), stop_after_epoch)
 
 
@@ -139,8 +148,17 @@ def distill(
     teacher: Annotated[str | None, typer.Option(help="timm model name, cifar_* name, or kdcli checkpoint")] = None,
     teacher_weights: Annotated[str | None, typer.Option(
         help="weights (.safetensors, or .pth/.bin read with weights_only) for a named teacher architecture")] = None,
+    teacher_pretrained: Annotated[bool, typer.Option(
+        help="timm's pretrained weights for the --teacher name (e.g. resnet50.a1_in1k, hf-hub:...)")] = False,
+    teacher_image_size: Annotated[int | None, typer.Option(
+        help="the teacher's input size; it gets the student's images resized on the device "
+             "[default: a pretrained timm teacher's own, a checkpoint's, else the student's]")] = None,
     student: Annotated[str | None, typer.Option(help="timm model name, cifar_* name, or kdcli checkpoint")] = None,
     student_weights: Annotated[str | None, typer.Option(help="initial weights for a named student")] = None,
+    student_pretrained: Annotated[bool, typer.Option(
+        help="timm's pretrained weights for the --student name")] = False,
+    ignore_class_names: Annotated[bool, typer.Option(
+        help="use a teacher whose class names differ from the dataset's (same number of classes) as it is")] = False,
     method: Annotated[str, typer.Option(help="distillation method (see `kdcli methods`)")] = "kd",
     method_arg: Annotated[list[str] | None, typer.Option(
         help="method argument KEY=VALUE (repeatable), e.g. T=2; namespaced when composed: at.beta=500")] = None,
@@ -163,6 +181,7 @@ def distill(
     corruption_seed: CorruptionSeed = 0,
     class_order: ClassOrder = None,
     image_size: ImageSize = None,
+    num_classes: NumClasses = None,
     streaming: Streaming = False,
     shuffle_buffer: ShuffleBuffer = default("shuffle_buffer"),
     augment: Augment = default("augment"),
@@ -219,6 +238,8 @@ def evaluate(
     precision: Precision = "fp32",
     workers: Workers = None,
     max_bad_fraction: MaxBad = default("max_bad_fraction"),
+    ignore_class_names: Annotated[bool, typer.Option(
+        help="use a checkpoint whose class names differ from the dataset's (same count) as it is")] = False,
     noise: Annotated[str | None, typer.Option(
         help="evaluate on a noisy copy of the split (like train's --noise)")] = None,
     imbalance: Annotated[str | None, typer.Option(help="evaluate on an imbalanced copy of the split")] = None,
@@ -237,7 +258,7 @@ def evaluate(
                                       image_column=image_column, label_column=label_column,
                                       precision=precision, workers=workers, noise=noise, imbalance=imbalance,
                                       corruption_seed=corruption_seed, class_order=class_order,
-                                      max_bad_fraction=max_bad_fraction)
+                                      max_bad_fraction=max_bad_fraction, ignore_class_names=ignore_class_names)
     m = result.metrics.final
     table = Table(title=f"{checkpoint} on {dataset} [{result.data.eval_split}]")
     table.add_column("metric")

@@ -20,8 +20,12 @@ class RunConfig(BaseModel):
     # models
     student: str = Field(description="timm model name or kdcli checkpoint path")
     student_weights: str | None = None
+    student_pretrained: bool = False  # timm's pretrained weights for the student's name (tag, hf-hub:)
     teacher: str | None = None
     teacher_weights: str | None = None
+    teacher_pretrained: bool = False
+    teacher_image_size: int | None = Field(None, gt=0)  # the teacher's input [default: its own / the data's]
+    ignore_class_names: bool = False  # accept a checkpoint whose class names differ from the dataset's
     # method
     method: str = "ce"
     method_args: dict[str, str] = Field(default_factory=dict)
@@ -37,10 +41,11 @@ class RunConfig(BaseModel):
     imbalance: str | None = None  # class imbalance of the training split, e.g. longtail:100
     corruption_seed: int = 0
     class_order: str | None = None  # for the imbalance profile: a permutation, or random:SEED
-    image_size: int | None = Field(None, gt=0)
+    image_size: int | None = Field(None, gt=0)  # the student's input [default: its own / the data's]
+    num_classes: int | None = Field(None, gt=1)  # integer labels: how many classes are meant
     streaming: bool = False
     shuffle_buffer: int = Field(10_000, gt=0)
-    augment: Literal["auto", "crop-flip", "crop", "none"] = "auto"
+    augment: Literal["auto", "cifar", "imagenet", "randaugment", "none", "crop-flip", "crop"] = "auto"
     workers: int | None = Field(None, ge=0)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # unreadable examples skipped; more of a split: an error
     # optimisation (SGD with momentum, the field's CIFAR recipe: RepDistiller, Tian et al. 2020)

@@ -158,7 +158,7 @@ def test_batched_reads_match_single_items():
 
 def test_image_size_resizes():
     bundle = open_data("digits", image_size=16, augment="crop-flip")
-    assert bundle.image_size == 16 and bundle.augment == "crop-flip"
+    assert bundle.image_size == 16 and bundle.augment == "cifar"  # crop-flip is an alias of cifar
     assert bundle.eval_dataset()[0]["image"].shape == (1, 16, 16)
     assert bundle.train_dataset()[0]["image"].shape == (1, 16, 16)
 
@@ -188,7 +188,7 @@ def test_synthetic_bundle_and_determinism():
     bundle = open_data("synthetic:12:3:60")
     assert (bundle.num_train, bundle.num_eval, bundle.num_classes) == (60, 12, 3)
     assert bundle.class_names == ["class_0", "class_1", "class_2"]
-    assert (bundle.in_chans, bundle.image_size, bundle.augment) == (3, 12, "crop-flip")
+    assert (bundle.in_chans, bundle.image_size, bundle.augment) == (3, 12, "cifar")
     assert len(bundle.mean) == 3 and len(bundle.std) == 3
     assert open_data("synthetic:8:2:4").num_eval == 2  # max(COUNT // 5, CLASSES)
     first = synthetic(12, 3, 60).splits
@@ -222,7 +222,7 @@ def test_synthetic_is_learnable_but_not_trivial():
 def test_image_folder_with_holdout(image_folder):
     bundle = open_data(str(image_folder))
     assert bundle.source == "local" and bundle.class_names == ["cat", "dog"]
-    assert (bundle.in_chans, bundle.image_size, bundle.augment) == (3, 12, "crop-flip")
+    assert (bundle.in_chans, bundle.image_size, bundle.augment) == (3, 12, "cifar")  # auto: 64 px or less
     assert bundle.mean is None and bundle.std is None
     assert bundle.eval_split == "train[holdout]" and (bundle.num_train, bundle.num_eval) == (18, 2)
     for dataset in (bundle.train_dataset(train=False), bundle.eval_dataset()):
@@ -230,7 +230,10 @@ def test_image_folder_with_holdout(image_folder):
             assert bundle.class_names[item["label"]] == _class_of(item["image"])
     again = open_data(str(image_folder))
     assert _pairs(again.eval_dataset()) == _pairs(bundle.eval_dataset())  # deterministic holdout
-    assert sorted(i for i, _ in _pairs(bundle.train_dataset(train=False))) == list(range(18))
+    # items keep their row in the whole split: held-out rows are missing from training, not renumbered
+    train_rows = sorted(i for i, _ in _pairs(bundle.train_dataset(train=False)))
+    eval_rows = sorted(i for i, _ in _pairs(bundle.eval_dataset()))
+    assert len(train_rows) == 18 and sorted(train_rows + eval_rows) == list(range(20))
 
 
 def test_parquet_folder_splits_inferred(parquet_folder):

@@ -84,7 +84,9 @@ def test_weights_file_into_named_architecture(tmp_path):
     pth = tmp_path / "w.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in src.net.state_dict().items()}}, pth)
     loaded = models.load("cifar_resnet8", RGB, weights=str(pth), option="--teacher")
-    assert loaded.source == "weights"
+    assert loaded.source == "weights" and loaded.trained and loaded.adapted == []
+    assert loaded.model.meta.input_size == 32  # weights for a timm architecture: its pretrained cfg's input
+    loaded = models.load("cifar_resnet8", RGB, weights=str(pth), option="--teacher", image_size=16)
     x = torch.rand(2, 3, 16, 16)
     assert torch.equal(loaded.model.eval()(x).logits, src.eval()(x).logits)
     with pytest.raises(KdcliError, match="do not fit cifar_resnet14"):

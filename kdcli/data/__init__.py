@@ -9,14 +9,16 @@ named under ``batch["skipped"]``; count them with a :class:`SkipTracker`.
 from kdcli.data.builtin import BUILTIN_HELP
 from kdcli.data.bundle import DataBundle, ImageClassificationDataset, open_data
 from kdcli.data.skips import DEFAULT_MAX_BAD_FRACTION, SkipCollate, SkipTracker, skipped_line
-from kdcli.data.transforms import AUGMENTS
+from kdcli.data.transforms import AUGMENTS, INTERPOLATIONS, RECIPES
 
 __all__ = [
     "AUGMENTS",
     "BUILTIN_HELP",
     "DEFAULT_MAX_BAD_FRACTION",
     "DataBundle",
+    "INTERPOLATIONS",
     "ImageClassificationDataset",
+    "RECIPES",
     "SkipCollate",
     "SkipTracker",
     "open_data",

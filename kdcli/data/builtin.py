@@ -29,7 +29,7 @@ class Builtin:
     splits: object  # datasets.DatasetDict with "train" and "test"
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    default_augment: str
+    default_augment: str  # the recipe augment="auto" means for it, at any size
 
 
 def is_builtin(spec: str) -> bool:
@@ -206,4 +206,4 @@ def synthetic(size: int, classes: int, count: int) -> Builtin:
     test = _synthetic_images(max(count // 5, classes), size, params, rng)
     mean, std = _stats(train[0])
     names = [f"class_{i}" for i in range(classes)]
-    return Builtin(_dataset_dict({"train": train, "test": test}, names), mean, std, "crop-flip")
+    return Builtin(_dataset_dict({"train": train, "test": test}, names), mean, std, "cifar")

@@ -1,8 +1,14 @@
 """``open_data``: one ``--dataset`` string -> a :class:`DataBundle` the engine trains and evaluates on.
 
 Every item is ``{"image": float32 (C, S, S) in [0, 1], "label": int, "index": int}``, where ``index`` is the
-example's row in its split (the same streamed or map-style, on any number of processes), so that label
-corruption and augmentation can be pure functions of (seed, index, ...).
+example's row in its whole split (the same streamed or map-style, on any number of processes, and for a
+slice such as ``train[:10%]`` or the 10% holdout: the row in the full ``train``), so that label corruption and
+augmentation are pure functions of (seed, index, ...) and agree, row for row, with a run on the full split.
+
+Splits are named as in ``datasets``: ``train``, ``train[:10%]``, ``test[:2000]``, ``train[5000:]``,
+``train[10%:20%]`` (map-style data only). The input size, interpolation and crop fraction the model wants
+are set with :meth:`DataBundle.set_input`; the training augmentation recipes are in
+:mod:`kdcli.data.transforms`.
 
 Images are read undecoded and decoded here, one example at a time, with the column's own
 ``datasets.Image`` feature: an example that does not decode (or transform) becomes
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +29,20 @@ import torch
 
 from kdcli.data.skips import SkipCollate, bad_item, example_name
 from kdcli.data.source import resolve, short_reason
-from kdcli.data.transforms import ImageTransform, channels_for_mode, check_augment
+from kdcli.data.transforms import (
+    ImageTransform,
+    channels_for_mode,
+    check_augment,
+    check_interpolation,
+    resolve_augment,
+)
 from kdcli.errors import KdcliError
 
 EVAL_SPLIT_NAMES = ("test", "validation", "valid", "val")
 IMAGE_COLUMN_NAMES = ("img", "image")
 LABEL_COLUMN_NAMES = ("label", "fine_label", "labels")
-HOLDOUT_SPLIT = "train[holdout]"
+HOLDOUT_SUFFIX = "[holdout]"  # eval split name when 10% of the training split is held out: "train[holdout]"
+HOLDOUT_SPLIT = "train" + HOLDOUT_SUFFIX
 HOLDOUT_FRACTION = 0.1
 INDEX_COLUMN = "index"
 STREAM_SHARDS = 64  # shards for streaming map-backed data: divisible by any power-of-two world size
@@ -99,7 +113,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         self.image_column = image_column
         self.label_column = label_column
         self.transform = transform
-        self.rows = rows  # original row indices this view exposes (a corrupted, subsampled split), or all
+        self.rows = rows  # original row indices this view exposes (a slice, a holdout, imbalance), or all
         self.labels = labels  # labels by original row index (corrupted), or the column's
         self.decoder = _decoder(image_feature or split.features.get(image_column))
         self.root = root  # where the data's files are, to name unreadable ones
@@ -171,17 +185,22 @@ def _enumerate_rows(source):
 
 
 def _rows_in_ranges(split, ranges, chunk: int = 256):
-    """Generator for ``from_generator``: rows ``start..stop`` of a map-style split, each with its row index.
+    """Generator for ``from_generator``: rows of a map-style split, each with its row index.
 
-    ``ranges`` is a list of ``(start, stop)``: ``from_generator`` turns it into shards (one range each).
+    ``ranges`` is a list of ``(start, stop)`` row ranges or of arrays of rows (a subset of the split, such as
+    a holdout's training rows): ``from_generator`` turns it into shards (one range or array each).
     """
-    for start, stop in ranges:
-        for low in range(start, stop, chunk):
-            high = min(low + chunk, stop)
-            batch = split[low:high]
-            for j in range(high - low):
+    for part in ranges:
+        rows = range(*part) if isinstance(part, tuple) else part
+        for low in range(0, len(rows), chunk):
+            block = rows[low:low + chunk]
+            if isinstance(block, range):
+                batch = split[block.start:block.stop]
+            else:
+                batch = split[[int(r) for r in block]]
+            for j, r in enumerate(block):
                 row = {name: values[j] for name, values in batch.items()}
-                row[INDEX_COLUMN] = low + j
+                row[INDEX_COLUMN] = int(r)
                 yield row
 
 
@@ -197,7 +216,14 @@ def _with_index_features(features, image_column: str):
 
 @dataclass
 class DataBundle:
-    """An opened dataset: what it is, and how to get torch datasets of its training and evaluation splits."""
+    """An opened dataset: what it is, and how to get torch datasets of its training and evaluation splits.
+
+    ``train_split`` / ``eval_split`` are the splits as given (``"train[:10%]"``), or as picked
+    (``"train[holdout]"``: 10% of the training split held out for evaluation). ``image_size`` is the size
+    images come out at: the one :meth:`set_input` set, else ``native_size`` (open_data's ``image_size``, or
+    the data's own). ``augment`` is the resolved training recipe (``auto`` resolved). ``warnings`` are lines
+    for the user (empty classes, a held-out slice), for the caller to print.
+    """
 
     name: str
     source: str
@@ -214,7 +240,7 @@ class DataBundle:
     streaming: bool
     num_train: int | None
     num_eval: int
-    augment: str = "none"  # resolved training augmentation: "crop-flip" | "crop" | "none"
+    augment: str = "none"  # resolved training recipe: "cifar" | "crop" | "imagenet" | "randaugment" | "none"
     seed: int = 0
     shuffle_buffer: int = 10_000
     _train: Any = field(default=None, repr=False, compare=False)  # datasets.Dataset or indexed IterableDataset
@@ -232,36 +258,84 @@ class DataBundle:
     _epoch: int = field(default=0, repr=False, compare=False)
     _train_sets: list = field(default_factory=list, repr=False, compare=False)  # augmenting map-style views
     _stream_fns: list = field(default_factory=list, repr=False, compare=False)  # augmenting stream functions
+    native_size: int | None = None  # the size before set_input: open_data's image_size, or the data's own
+    interpolation: str = "bilinear"  # of every resize (set_input)
+    crop_pct: float = 1.0  # evaluation: resize to floor(image_size / crop_pct), centre crop image_size
+    warnings: list[str] = field(default_factory=list)
+    _augment_request: str | None = field(default=None, repr=False, compare=False)  # as asked ("auto"), else augment
+    _default_augment: str | None = field(default=None, repr=False, compare=False)  # a built-in's own recipe
+    # rows of the full split that the training / evaluation data are (a slice, a holdout), or None: all of it
+    _train_subset: Any = field(default=None, repr=False, compare=False)
+    _eval_subset: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.native_size is None:
+            self.native_size = self.image_size
 
     @property
     def collate(self) -> SkipCollate:
         """The DataLoader ``collate_fn`` for this data (picklable): drops unreadable examples, stacks the rest,
-        and lists what it dropped under ``"skipped"`` (see :class:`~kdcli.data.skips.SkipCollate`)."""
+        and lists what it dropped under ``"skipped"`` (see :class:`~kdcli.data.skips.SkipCollate`); an
+        all-bad batch is ``(0, in_chans, image_size, image_size)``, at the size :meth:`set_input` set."""
         return SkipCollate(self.in_chans, self.image_size)
+
+    def set_input(self, image_size: int, interpolation: str = "bilinear", crop_pct: float = 1.0) -> None:
+        """The input the model wants; call it before :meth:`train_dataset` / :meth:`eval_dataset` (datasets
+        handed out earlier keep the transform they were made with).
+
+        Training images come out at ``image_size`` (the recipe's crop at that size: ``cifar``/``crop`` resize
+        the shorter side to it first if needed, ``imagenet``/``randaugment`` random-resized crop to it).
+        Evaluation images (and ``train_dataset(train=False)``) have their shorter side resized to
+        ``floor(image_size / crop_pct)`` with ``interpolation``, then are centre-cropped to ``image_size``
+        (timm's evaluation convention): with ``crop_pct`` 1.0 and data already that size, they are the
+        data's pixels as they are. ``augment="auto"`` stays resolved against the images' own size
+        (``native_size``): photographs get random-resized crops even for a small model's input.
+        """
+        if isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1:
+            raise KdcliError(f"input size must be a positive number of pixels, got {image_size}: fix --image-size")
+        check_interpolation(interpolation)
+        crop_pct = float(crop_pct)
+        if not (crop_pct > 0 and math.isfinite(crop_pct)):
+            raise KdcliError(f"crop fraction must be a positive number, got {crop_pct}")
+        self.image_size = int(image_size)
+        self.interpolation = interpolation
+        self.crop_pct = crop_pct
+        self.augment = resolve_augment(self._augment_request or self.augment, self.native_size, self._default_augment)
+
+    def _label_rows(self, split, subset) -> tuple[np.ndarray, np.ndarray]:
+        """(labels of the whole split by row, the rows used: ``subset`` or all)."""
+        labels = _label_array(split, self.label_column).astype(np.int64)
+        return labels, (np.arange(len(labels)) if subset is None else np.asarray(subset, dtype=np.int64))
 
     def corrupt(self, noise: str | None, imbalance: str | None, seed: int = 0,
                 class_order: str | None = None, split: str = "train") -> dict[str, Any]:
         """Corrupt the labels (noise) and class balance (imbalance) of the training split (or, when asked,
         the evaluation split: ``split="eval"``); returns the report block.
 
-        Each decision is a pure function of (seed, original index, label): see ``kdcli.data.corruption``.
+        Each decision is a pure function of (seed, original index, label): see ``kdcli.data.corruption``. The
+        index is the row in the whole split, so a slice (``train[:10%]``) gets, row for row, the labels the
+        full split gets; imbalance is computed over the rows used (the slice's class counts).
         """
         from kdcli.data import corruption as cor
 
         if split == "eval":
-            clean = _label_array(self._eval, self.label_column).astype(np.int64)
-            keep, noisy, block = _corrupt_labels(cor, clean, self.num_classes, noise, imbalance, seed, class_order)
-            self._eval_rows, self._eval_labels = np.nonzero(keep)[0], noisy
+            full, used = self._label_rows(self._eval, self._eval_subset)
+            keep, noisy, block = _corrupt_labels(cor, full[used], used, self.num_classes, noise, imbalance, seed,
+                                                 class_order)
+            self._eval_rows, self._eval_labels = used[keep], _by_row(len(full), used, noisy)
             self.num_eval = int(keep.sum())
             return block
         import datasets
 
         if self.streaming and not isinstance(self._train, datasets.Dataset):  # a true stream (hub, parquet)
-            clean = self._stream_labels()
+            full = self._stream_labels()
+            used = np.arange(len(full))
         else:
-            clean = _label_array(self._train, self.label_column).astype(np.int64)
-        keep, noisy, block = _corrupt_labels(cor, clean, self.num_classes, noise, imbalance, seed, class_order)
-        self._rows, self._noisy, self.clean_labels = np.nonzero(keep)[0], noisy, clean
+            full, used = self._label_rows(self._train, self._train_subset)
+        clean = full[used]
+        keep, noisy, block = _corrupt_labels(cor, clean, used, self.num_classes, noise, imbalance, seed, class_order)
+        self._rows = used[keep]
+        self._noisy, self.clean_labels = _by_row(len(full), used, noisy), _by_row(len(full), used, clean)
         self.num_train = int(keep.sum())
         return block
 
@@ -283,12 +357,13 @@ class DataBundle:
         return labels
 
     def training_labels(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(clean, corrupted) labels by original row index, when the training split was corrupted."""
+        """(clean, corrupted) labels by original row index (-1 for rows of the split not used: outside a
+        slice, held out), when the training split was corrupted."""
         return None if self.clean_labels is None else (self.clean_labels, self._noisy)
 
     def _transform(self, train: bool) -> ImageTransform:
         return ImageTransform(self.in_chans, self.image_size, self.augment, train=train, seed=self.seed,
-                              epoch=self._epoch)
+                              epoch=self._epoch, interpolation=self.interpolation, crop_pct=self.crop_pct)
 
     def _indexed_stream(self):
         """The training split as an unshuffled ``datasets.IterableDataset`` with an ``index`` column."""
@@ -300,19 +375,25 @@ class DataBundle:
                 # table with an added index column: pickling those shards (DataLoader workers under spawn)
                 # copies the whole in-memory table or column once per shard.
                 split = _undecoded(self._train, self.image_column)
-                shards = min(STREAM_SHARDS, len(split))
-                edges = [len(split) * k // shards for k in range(shards + 1)]
+                subset = self._train_subset
+                n = len(split) if subset is None else len(subset)
+                shards = max(1, min(STREAM_SHARDS, n))
+                edges = [n * k // shards for k in range(shards + 1)]
+                if subset is None:
+                    ranges = [(edges[k], edges[k + 1]) for k in range(shards)]
+                else:  # a holdout's training rows: each shard gets its own rows
+                    ranges = [np.asarray(subset[edges[k]:edges[k + 1]]) for k in range(shards)]
                 self._stream_base = datasets.IterableDataset.from_generator(
                     _rows_in_ranges,
                     features=_with_index_features(split.features, self.image_column),
-                    gen_kwargs={"split": split, "ranges": [(edges[k], edges[k + 1]) for k in range(shards)]},
+                    gen_kwargs={"split": split, "ranges": ranges},
                 )
             else:
                 self._stream_base = self._train
         return self._stream_base
 
     def train_dataset(self, rank: int = 0, world_size: int = 1, train: bool = True):
-        """The training split: augmented when ``train``, else plain (for diagnostics).
+        """The training split: augmented when ``train``, else plain (the evaluation transform, for diagnostics).
 
         Map-style (not streaming): a torch ``Dataset`` over the whole split; ``rank``/``world_size`` are
         ignored (the caller shards, e.g. with accelerate). Streaming: a ``datasets.IterableDataset`` (a
@@ -323,8 +404,9 @@ class DataBundle:
         last :meth:`set_epoch`'s. Items of unreadable examples are bad items: batch with :attr:`collate`.
         """
         if not self.streaming:
+            rows = self._rows if self._rows is not None else self._train_subset
             dataset = ImageClassificationDataset(self._train, self.image_column, self.label_column,
-                                                 self._transform(train), rows=self._rows, labels=self._noisy,
+                                                 self._transform(train), rows=rows, labels=self._noisy,
                                                  image_feature=self._image_feature, root=self.root)
             if train and dataset.transform.augment != "none":
                 self._train_sets.append(dataset)
@@ -332,7 +414,8 @@ class DataBundle:
         from datasets.distributed import split_dataset_by_node
 
         stream = self._indexed_stream()
-        if self._rows is not None and len(self._rows) < len(self._noisy):  # imbalance: drop the rows not kept
+        used = None if self._rows is None else len(self._noisy if self._train_subset is None else self._train_subset)
+        if used is not None and len(self._rows) < used:  # imbalance: drop the rows not kept
             keep = np.zeros(len(self._noisy), dtype=bool)
             keep[self._rows] = True
             stream = stream.filter(_KeptRow(keep))
@@ -356,7 +439,7 @@ class DataBundle:
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch of the training datasets handed out so far (and of those handed out later): it
-        reseeds the streaming shuffle, and picks every augmented example's crop and flip (map-style and
+        reseeds the streaming shuffle, and picks every augmented example's augmentation (map-style and
         streamed). Call it before iterating: DataLoader workers started afterwards (and persistent ones,
         the epoch being in shared memory) use it."""
         self._epoch = int(epoch)
@@ -366,19 +449,33 @@ class DataBundle:
             holder.transform.set_epoch(epoch)
 
     def eval_dataset(self) -> ImageClassificationDataset:
-        """The evaluation split: map-style, known length, no augmentation; unreadable examples are bad items,
-        as in training (batch with :attr:`collate`)."""
+        """The evaluation split: map-style, known length, no augmentation (see :meth:`set_input`); unreadable
+        examples are bad items, as in training (batch with :attr:`collate`)."""
+        rows = self._eval_rows if self._eval_rows is not None else self._eval_subset
         return ImageClassificationDataset(self._eval, self.image_column, self.label_column, self._transform(False),
-                                          rows=self._eval_rows, labels=self._eval_labels,
+                                          rows=rows, labels=self._eval_labels,
                                           image_feature=self._image_feature, root=self.root)
 
+    def eval_split_data(self):
+        """The evaluation rows as a ``datasets.Dataset`` of their own (the slice or holdout selected, in
+        memory: nothing is written next to the data)."""
+        if self._eval_subset is None:
+            return self._eval
+        return self._eval.select(self._eval_subset, keep_in_memory=True)
 
-def _corrupt_labels(cor, clean: np.ndarray, c: int, noise: str | None, imbalance: str | None, seed: int,
-                    class_order: str | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(kept rows mask, labels by row, report block) for one split's clean labels."""
+
+def _by_row(size: int, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values`` of ``rows`` spread over a whole split's rows (-1 for the others)."""
+    out = np.full(size, -1, dtype=np.int64)
+    out[rows] = values
+    return out
+
+
+def _corrupt_labels(cor, clean: np.ndarray, index: np.ndarray, c: int, noise: str | None, imbalance: str | None,
+                    seed: int, class_order: str | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(kept mask, corrupted labels, report block) for the clean labels of one split's rows ``index``."""
     n_spec = cor.parse_noise(noise, c) if noise else None
     i_spec = cor.parse_imbalance(imbalance, c, class_order) if imbalance else None
-    index = np.arange(len(clean))
     keep = cor.keep_mask(i_spec, clean, index, c, seed) if i_spec else np.ones(len(clean), dtype=bool)
     noisy = cor.noisy_labels(n_spec, clean, index, c, seed) if n_spec else clean.copy()
     block = {"noise": n_spec.text if n_spec else None, "imbalance": i_spec.text if i_spec else None,
@@ -405,18 +502,38 @@ def open_data(
     augment: str = "auto",
     seed: int = 0,
     shuffle_buffer: int = 10_000,
+    num_classes: int | None = None,
 ) -> DataBundle:
-    """Open ``spec`` (a built-in name, a local path or a hub id) and describe it as a :class:`DataBundle`."""
-    check_augment(augment)
+    """Open ``spec`` (a built-in name, a local path or a hub id) and describe it as a :class:`DataBundle`.
+
+    ``train_split`` / ``eval_split``: a split name, or a slice of one in ``datasets``' syntax
+    (``train[:10%]``, ``test[:2000]``, ``train[5000:]``, ``train[10%:20%]``; map-style data only). Without an
+    evaluation split, 10% of the training split (or of its slice) is held out. ``augment``: a recipe of
+    :data:`~kdcli.data.transforms.AUGMENTS` (``auto``: the built-in's own, else ``cifar`` up to 64 px and
+    ``imagenet`` above; resolved again by :meth:`DataBundle.set_input`). ``num_classes``: for integer labels
+    without class names, how many classes there are (else: the largest label + 1, with a warning when some
+    classes below it have no examples).
+    """
+    augment = check_augment(augment)
     if image_size is not None and image_size < 1:
         raise KdcliError(f"image size must be a positive number of pixels, got {image_size}: fix --image-size")
     if shuffle_buffer < 1:
         raise KdcliError(f"shuffle buffer must be at least 1, got {shuffle_buffer}: fix --shuffle-buffer")
+    if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) != num_classes
+                                    or num_classes < 2):
+        raise KdcliError(f"the number of classes must be at least 2, got {num_classes}: fix --num-classes")
+    train_spec = parse_split(train_split, "--train-split") if train_split is not None else None
+    eval_spec = parse_split(eval_split, "--eval-split") if eval_split is not None else None
+    for given, option in ((train_spec, "--train-split"), (eval_spec, "--eval-split")):
+        if streaming and given is not None and given.sliced:
+            raise KdcliError(f"{option} {given.text!r} is a slice, which needs map-style data: a streamed split "
+                             f"is read in order and cannot be sliced; drop --streaming, or pass {option} {given.name}")
 
     raw = resolve(spec, streaming=streaming)
     splits = raw.splits
     available = list(splits.keys())
-    train_name, eval_name = _pick_splits(spec, available, train_split, eval_split)
+    train_spec, eval_spec = _pick_splits(spec, available, train_spec, eval_spec)
+    train_name = train_spec.name
     train = splits[train_name]
 
     columns = _column_names(train)
@@ -424,35 +541,47 @@ def open_data(
     image_col = _image_column(spec, columns, features, image_column)
     label_col = _label_column(spec, columns, features, label_column, exclude=image_col)
     keep = [image_col, label_col]
+    warnings: list[str] = []
+    train_rows = eval_rows = None
 
     if raw.streamed:
-        if eval_name is None:
+        if eval_spec is None:
             raise KdcliError(
                 f"dataset {spec!r} has no evaluation split (splits: {', '.join(available)}) and a streamed "
                 "dataset cannot hold one out: pass --eval-split NAME, or drop --streaming"
             )
+        eval_text = eval_spec.text
         train = _image_typed(spec, train.select_columns(keep), image_col)
-        eval_ = _materialize(spec, _image_typed(spec, splits[eval_name].select_columns(keep), image_col))
+        eval_ = _materialize(spec, _image_typed(spec, splits[eval_spec.name].select_columns(keep), image_col))
         num_train = _stream_num_examples(splits[train_name], train_name)
     else:
         train = _image_typed(spec, train.select_columns(keep), image_col)
-        if eval_name is None:
-            train, eval_ = _holdout(spec, train, train_name)
-            eval_name = HOLDOUT_SPLIT
+        train_rows = slice_rows(spec, train_spec, len(train), "--train-split")
+        if eval_spec is None:
+            eval_ = train  # the same split: the rows tell training and evaluation apart
+            train_rows, eval_rows = _holdout(spec, len(train), train_rows, train_spec.text)
+            eval_text = train_spec.text + HOLDOUT_SUFFIX
+            if train_spec.sliced:
+                warnings.append(
+                    f"dataset {spec!r} has no evaluation split: evaluating on {len(eval_rows)} examples held out "
+                    f"of the {len(train_rows) + len(eval_rows)} of {train_spec.text!r} (10%, chosen with seed 0), "
+                    f"training on the other {len(train_rows)}; pass --eval-split to evaluate elsewhere")
         else:
-            eval_ = _image_typed(spec, splits[eval_name].select_columns(keep), image_col)
-        num_train = len(train)
-        if len(eval_) == 0:
-            raise KdcliError(f"the {eval_name!r} split of dataset {spec!r} is empty: pass another --eval-split")
+            eval_text = eval_spec.text
+            eval_ = _image_typed(spec, splits[eval_spec.name].select_columns(keep), image_col)
+            eval_rows = slice_rows(spec, eval_spec, len(eval_), "--eval-split")
+        num_train = len(train) if train_rows is None else len(train_rows)
+        if (len(eval_) if eval_rows is None else len(eval_rows)) == 0:
+            raise KdcliError(f"the {eval_text!r} split of dataset {spec!r} is empty: pass another --eval-split")
 
-    train, eval_, class_names = _labels(spec, train, eval_, label_col, train_name, eval_name)
+    train, eval_, class_names = _labels(
+        spec, train, eval_, label_col, (train_spec, train_rows), (eval_text, eval_rows), num_classes, warnings)
     image_feature = train.features.get(image_col)
-    first = _first_image(spec, train, image_col, train_name, _decoder(image_feature))
+    first = _first_image(spec, train, image_col, train_spec.text, _decoder(image_feature), train_rows)
     in_chans = channels_for_mode(first.mode)
     if image_size is None:
         image_size = min(first.size)
-    if augment == "auto":
-        augment = raw.default_augment
+    resolved = resolve_augment(augment, int(image_size), raw.default_augment)
 
     label_source = None
     if raw.streamed:
@@ -479,12 +608,12 @@ def open_data(
         std=raw.std,
         image_column=image_col,
         label_column=label_col,
-        train_split=train_name,
-        eval_split=eval_name,
+        train_split=train_spec.text,
+        eval_split=eval_text,
         streaming=streaming,
         num_train=num_train,
-        num_eval=len(eval_),
-        augment=augment,
+        num_eval=len(eval_) if eval_rows is None else len(eval_rows),
+        augment=resolved,
         seed=seed,
         shuffle_buffer=shuffle_buffer,
         _train=train,
@@ -492,7 +621,104 @@ def open_data(
         _label_source=label_source,
         root=_data_root(raw),
         _image_feature=image_feature,
+        warnings=warnings,
+        _augment_request=augment,
+        _default_augment=raw.default_augment,
+        _train_subset=train_rows,
+        _eval_subset=eval_rows,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# splits and slices
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """A split as given: ``train``, or a slice of it in ``datasets``' syntax, ``train[10%:20%]``."""
+
+    text: str
+    name: str
+    start: int | None = None
+    stop: int | None = None
+    start_pct: bool = False
+    stop_pct: bool = False
+    rounding: str = "closest"  # of percentages, as in datasets: "closest" or "pct1_dropremainder"
+    sliced: bool = False
+
+
+SPLIT_SYNTAX = ("NAME or NAME[FROM:TO], FROM and TO row numbers or percentages, either may be left out or "
+                "negative, e.g. train[:10%], test[:2000], train[5000:], train[10%:20%]")
+_SLICED = re.compile(r"^(?P<name>[^\[\]()+]+?)\s*\[(?P<body>[^\[\]]*)\]\s*(?:\((?P<rounding>[^()]*)\))?$")
+_BOUNDS = re.compile(r"^\s*(?:(?P<start>[+-]?\d[\d_]*)\s*(?P<start_pct>%)?)?\s*:"
+                     r"\s*(?:(?P<stop>[+-]?\d[\d_]*)\s*(?P<stop_pct>%)?)?\s*$")
+_ROUNDINGS = ("closest", "pct1_dropremainder")
+
+
+def parse_split(text: str, option: str = "--train-split") -> SplitSpec:
+    """``text`` read as a split or a slice of one (syntax only: whether the split exists is checked later)."""
+    given = str(text)
+    text = given.strip()
+    if not text:
+        raise KdcliError(f"empty split name: fix {option} ({SPLIT_SYNTAX})")
+    if "+" in text:
+        raise KdcliError(f"{option} {given!r} combines splits with '+': kdcli reads one split or one slice of one "
+                         f"({SPLIT_SYNTAX})")
+    if "[" not in text and "]" not in text and "(" not in text:
+        return SplitSpec(text, text)
+    match = _SLICED.match(text)
+    bounds = _BOUNDS.match(match.group("body")) if match else None
+    if bounds is None:
+        raise KdcliError(f"cannot read {option} {given!r}: use {SPLIT_SYNTAX}")
+    rounding = (match.group("rounding") or "closest").strip()
+    start_pct, stop_pct = bool(bounds.group("start_pct")), bool(bounds.group("stop_pct"))
+    if rounding not in _ROUNDINGS:
+        raise KdcliError(f"cannot read {option} {given!r}: unknown rounding ({rounding}), use (closest) or "
+                         "(pct1_dropremainder) after a slice in percentages, or none")
+    if match.group("rounding") and not (start_pct or stop_pct):
+        raise KdcliError(f"cannot read {option} {given!r}: a rounding, (closest) or (pct1_dropremainder), "
+                         f"only follows a slice in percentages ({SPLIT_SYNTAX})")
+    start, stop = bounds.group("start"), bounds.group("stop")
+    if start is not None and stop is not None and start_pct != stop_pct:
+        # datasets reads train[10%:500] as train[10%:500%]: ambiguous, so refused
+        raise KdcliError(f"cannot read {option} {given!r}: give both bounds as row numbers or both as "
+                         "percentages, e.g. train[10%:20%] or train[1000:5000]")
+    return SplitSpec(text, match.group("name").strip(), None if start is None else int(start),
+                     None if stop is None else int(stop), start_pct, stop_pct, rounding, sliced=True)
+
+
+def slice_rows(spec: str, split: SplitSpec, n: int, option: str) -> np.ndarray | None:
+    """The rows (of a split of ``n``) that ``split``'s slice selects, in order; None when it is not sliced.
+
+    As ``datasets`` reads ``split=`` (percentages rounded to the closest row by default), except that bounds
+    outside the split and empty slices are errors rather than clamped."""
+    if not split.sliced:
+        return None
+
+    def bound(value: int | None, pct: bool, default: int) -> int:
+        if value is None:
+            return default
+        limit = 100 if pct else n
+        if abs(value) > limit:
+            unit = "%" if pct else ""
+            raise KdcliError(
+                f"{option} {split.text!r} is out of range: {value}{unit} is outside -{limit}{unit}..{limit}{unit} "
+                f"(the {split.name!r} split of dataset {spec!r} has {n} rows)")
+        if pct and split.rounding == "pct1_dropremainder":
+            if n < 100:
+                raise KdcliError(f"{option} {split.text!r}: (pct1_dropremainder) needs at least 100 rows, the "
+                                 f"{split.name!r} split of dataset {spec!r} has {n}: drop the rounding")
+            value = value * (n // 100)
+        elif pct:
+            value = int(round(value * n / 100.0))
+        return n + value if value < 0 else value
+
+    start = bound(split.start, split.start_pct, 0)
+    stop = bound(split.stop, split.stop_pct, n)
+    if stop <= start:
+        raise KdcliError(f"{option} {split.text!r} selects no rows (rows {start}..{stop} of the {n} of the "
+                         f"{split.name!r} split of dataset {spec!r}): fix the slice")
+    return np.arange(start, stop, dtype=np.int64)
 
 
 def _data_root(raw) -> str | None:
@@ -510,22 +736,24 @@ def _column_names(split) -> list[str]:
 
 
 def _pick_splits(
-    spec: str, available: list[str], train_split: str | None, eval_split: str | None
-) -> tuple[str, str | None]:
+    spec: str, available: list[str], train_split: SplitSpec | None, eval_split: SplitSpec | None
+) -> tuple[SplitSpec, SplitSpec | None]:
     listed = ", ".join(available) or "none"
     if train_split is None:
         if "train" in available:
-            train_split = "train"
+            train_split = SplitSpec("train", "train")
         elif len(available) == 1:
-            train_split = available[0]
+            train_split = SplitSpec(available[0], available[0])
         else:
             raise KdcliError(f"dataset {spec!r} has no 'train' split (splits: {listed}): pass --train-split NAME")
-    elif train_split not in available:
-        raise KdcliError(f"dataset {spec!r} has no split {train_split!r} (splits: {listed}): fix --train-split")
+    elif train_split.name not in available:
+        raise KdcliError(
+            f"dataset {spec!r} has no split {train_split.name!r} (splits: {listed}): fix --train-split")
     if eval_split is None:
-        eval_split = next((s for s in EVAL_SPLIT_NAMES if s in available and s != train_split), None)
-    elif eval_split not in available:
-        raise KdcliError(f"dataset {spec!r} has no split {eval_split!r} (splits: {listed}): fix --eval-split")
+        name = next((s for s in EVAL_SPLIT_NAMES if s in available and s != train_split.name), None)
+        eval_split = None if name is None else SplitSpec(name, name)
+    elif eval_split.name not in available:
+        raise KdcliError(f"dataset {spec!r} has no split {eval_split.name!r} (splits: {listed}): fix --eval-split")
     return train_split, eval_split
 
 
@@ -597,21 +825,20 @@ def _image_typed(spec: str, split, image_col: str):
         ) from exc
 
 
-def _holdout(spec: str, train, train_name: str):
-    """A deterministic 10% holdout of the training split, used for evaluation when there is no eval split."""
-    if len(train) < 2:
+def _holdout(spec: str, n: int, rows: np.ndarray | None, train_text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, evaluation rows): a deterministic 10% of the training split's rows (all ``n``, or the
+    slice's ``rows``) held out for evaluation when there is no evaluation split; sorted row numbers."""
+    base = np.arange(n, dtype=np.int64) if rows is None else rows
+    if len(base) < 2:
         raise KdcliError(
-            f"dataset {spec!r} has no evaluation split and its {train_name!r} split is too small to hold "
+            f"dataset {spec!r} has no evaluation split and its {train_text!r} split is too small to hold "
             "10% out: pass --eval-split NAME"
         )
-    # the same rows as train.train_test_split(test_size=0.1, seed=0), but with the index mappings kept in
-    # memory: train_test_split would write them next to the data (e.g. into a user's save_to_disk folder)
-    permutation = np.random.default_rng(0).permutation(len(train))
-    n_eval = math.ceil(HOLDOUT_FRACTION * len(train))
-    return (
-        train.select(permutation[n_eval:], keep_in_memory=True),
-        train.select(permutation[:n_eval], keep_in_memory=True),
-    )
+    # the same rows as train.train_test_split(test_size=0.1, seed=0) of those rows, kept as row numbers
+    # (train_test_split would write index mappings next to the data, e.g. into a user's save_to_disk folder)
+    permutation = np.random.default_rng(0).permutation(len(base))
+    n_eval = math.ceil(HOLDOUT_FRACTION * len(base))
+    return np.sort(base[permutation[n_eval:]]), np.sort(base[permutation[:n_eval]])
 
 
 def _materialize(spec: str, stream):
@@ -639,10 +866,30 @@ def _label_array(split, label_col: str) -> np.ndarray:
     return np.asarray(split.select_columns([label_col]).with_format("numpy")[:][label_col])
 
 
-def _labels(spec: str, train, eval_, label_col: str, train_name: str, eval_name: str):
-    """Class names, label columns made integer (class names are encoded), and labels checked."""
+def _id_ranges(ids: list[int], limit: int = 12) -> str:
+    """``[3, 10, 11, 12, 40]`` -> ``"3, 10-12, 40"`` (at most ``limit`` runs, then ``"..."``)."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:limit])
+    return text + (", ..." if len(runs) > limit else "")
+
+
+def _labels(spec: str, train, eval_, label_col: str, train_side: tuple, eval_side: tuple,
+            num_classes: int | None, warnings: list[str]):
+    """Class names, label columns made integer (class names are encoded), and labels checked.
+
+    ``train_side`` is (SplitSpec, rows or None), ``eval_side`` (text, rows or None): the rows used of each
+    whole split. Class names come from the whole splits (a slice has the classes of its split); the range
+    of labels is checked on the rows used. ``eval_`` may be ``train`` itself (a holdout).
+    """
     import datasets
 
+    (train_spec, train_rows), (eval_text, eval_rows) = train_side, eval_side
+    same = eval_ is train
     streamed = isinstance(train, datasets.IterableDataset)
     feature = train.features.get(label_col) if train.features is not None else None
     kind = getattr(feature, "dtype", None)
@@ -657,10 +904,10 @@ def _labels(spec: str, train, eval_, label_col: str, train_name: str, eval_name:
         names = sorted({str(v) for v in _label_array(train, label_col)})
         try:
             train = train.cast_column(label_col, datasets.ClassLabel(names=names))
-            eval_ = eval_.cast_column(label_col, datasets.ClassLabel(names=names))
+            eval_ = train if same else eval_.cast_column(label_col, datasets.ClassLabel(names=names))
         except Exception as exc:
             raise KdcliError(
-                f"the {eval_name!r} split of dataset {spec!r} has class names that {train_name!r} does not: "
+                f"the {eval_text!r} split of dataset {spec!r} has class names that {train_spec.text!r} does not: "
                 "pick matching splits with --train-split / --eval-split"
             ) from exc
     elif isinstance(feature, datasets.Value) and kind is not None and kind.startswith(("int", "uint")):
@@ -670,15 +917,47 @@ def _labels(spec: str, train, eval_, label_col: str, train_name: str, eval_name:
             f"label column {label_col!r} of dataset {spec!r} has type {feature}; expected integer class ids, "
             "ClassLabel or class-name strings: pass another --label-column"
         )
+    if names is not None and num_classes is not None and num_classes != len(names):
+        raise KdcliError(
+            f"dataset {spec!r} names {len(names)} classes in its label column {label_col!r}, but --num-classes "
+            f"is {num_classes}: drop --num-classes (it is for integer labels without class names)"
+        )
 
-    checked = [(eval_name, _label_array(eval_, label_col))]
+    # whole splits: (split name, labels); the eval split is the training split itself for a holdout
+    whole = [] if streamed else [(train_spec.name, _label_array(train, label_col))]
+    eval_labels = whole[0][1] if same else _label_array(eval_, label_col)
+    if not same:
+        whole.append((eval_text.split("[")[0], eval_labels))
+    checked = [(eval_text, eval_labels if eval_rows is None else eval_labels[eval_rows])]
     if not streamed:
-        checked.insert(0, (train_name, _label_array(train, label_col)))
-    if names is None:
-        top = max(int(labels.max()) for _, labels in checked if len(labels))
+        labels = whole[0][1]
+        checked.insert(0, (train_spec.text, labels if train_rows is None else labels[train_rows]))
+
+    if names is None and num_classes is not None:
+        names = [str(i) for i in range(num_classes)]
+    elif names is None:
+        nonempty = [labels for _, labels in whole if len(labels)]
+        top = max((int(labels.max()) for labels in nonempty), default=-1)
         names = [str(i) for i in range(top + 1)]
+        present = np.zeros(top + 1, dtype=bool)
+        for labels in nonempty:
+            present[labels[(labels >= 0) & (labels <= top)]] = True
+        empty = np.nonzero(~present)[0].tolist()
+        if top >= 0 and empty:
+            where = " and ".join(repr(name) for name, _ in whole)
+            warnings.append(
+                f"the integer labels of dataset {spec!r} go up to {top}, which makes {top + 1} classes, but "
+                f"{len(empty)} of them have no examples in the {where} split{'s' if len(whole) > 1 else ''}: "
+                f"{_id_ranges(empty)}; if the data has N classes, pass --num-classes N "
+                "(a label of N or more is then an error)")
     for split_name, labels in checked:
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+        if not len(labels):
+            continue
+        if num_classes is not None and labels.max() >= num_classes:
+            raise KdcliError(
+                f"the {split_name!r} split of dataset {spec!r} has label {labels.max()}, but --num-classes is "
+                f"{num_classes} (labels 0..{num_classes - 1}): fix --num-classes, or the data")
+        if labels.min() < 0 or labels.max() >= len(names):
             raise KdcliError(
                 f"the {split_name!r} split of dataset {spec!r} has labels outside 0..{len(names) - 1} "
                 f"(min {labels.min()}, max {labels.max()}; -1 usually means unlabelled): pick another split"
@@ -686,9 +965,10 @@ def _labels(spec: str, train, eval_, label_col: str, train_name: str, eval_name:
     return train, eval_, names
 
 
-def _first_image(spec: str, train, image_col: str, train_name: str, decoder):
-    """The first image of the training split that decodes (to learn channels and size): unreadable leading
-    rows are passed over, up to :data:`FIRST_IMAGE_TRIES` rows (read one at a time, for streams)."""
+def _first_image(spec: str, train, image_col: str, train_name: str, decoder, rows: np.ndarray | None = None):
+    """The first image of the training split (of its ``rows``, when a slice or holdout) that decodes (to learn
+    channels and size): unreadable leading rows are passed over, up to :data:`FIRST_IMAGE_TRIES` rows (read
+    one at a time, for streams)."""
     import itertools
 
     import datasets
@@ -701,8 +981,10 @@ def _first_image(spec: str, train, image_col: str, train_name: str, decoder):
 
     try:
         if isinstance(train, datasets.IterableDataset):
-            rows = itertools.islice(iter(train.select_columns([image_col]).decode(False)), FIRST_IMAGE_TRIES)
-            values = (row[image_col] for row in rows)
+            streamed = itertools.islice(iter(train.select_columns([image_col]).decode(False)), FIRST_IMAGE_TRIES)
+            values = (row[image_col] for row in streamed)
+        elif rows is not None:
+            values = iter(_undecoded(train, image_col)[[int(r) for r in rows[:FIRST_IMAGE_TRIES]]][image_col])
         else:
             values = iter(_undecoded(train, image_col)[:FIRST_IMAGE_TRIES][image_col])
     except Exception as exc:  # the column cannot even be read

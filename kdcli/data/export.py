@@ -3,8 +3,8 @@
 The folder holds parquet files named by split (``train-00000-of-00001.parquet``, ``test-…``), so
 ``datasets.load_dataset(DIR)`` finds the splits, and ``manifest.json``. Images are kept as they were.
 The training split gets the corrupted ``label`` next to ``clean_label``, a ``noisy`` flag and
-``source_index`` (the row in the source split: corruption is a pure function of it); the evaluation
-split is copied untouched, so a run on the folder evaluates on clean labels.
+``source_index`` (the row in the whole source split, for a slice too: corruption is a pure function of it);
+the evaluation split (or slice) is copied untouched, so a run on the folder evaluates on clean labels.
 """
 
 from __future__ import annotations
@@ -51,13 +51,14 @@ def corrupt_dataset(spec: str, out: Path, *, noise: str | None, imbalance: str |
             ds = ds.add_column(name, values)
         return ds
 
-    train = labelled(bundle._train.select(rows), noisy[rows], {
+    train = labelled(bundle._train.select(rows, keep_in_memory=True), noisy[rows], {
         "clean_label": [int(v) for v in clean[rows]],
         "noisy": [bool(v) for v in noisy[rows] != clean[rows]],
         "source_index": [int(v) for v in rows]})
-    eval_labels = np.asarray(bundle._eval.select_columns([bundle.label_column]).with_format("numpy")[:][
+    evaluation = bundle.eval_split_data()  # the slice or holdout, when the evaluation split is one
+    eval_labels = np.asarray(evaluation.select_columns([bundle.label_column]).with_format("numpy")[:][
         bundle.label_column])
-    test = labelled(bundle._eval, eval_labels, {})
+    test = labelled(evaluation, eval_labels, {})
 
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -26,7 +26,7 @@ class RawSource:
     location: str  # what was opened (expanded path, or the spec)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    default_augment: str = "crop-flip"
+    default_augment: str | None = None  # a built-in's own recipe; None: augment="auto" goes by image size
 
     @property
     def streamed(self) -> bool:

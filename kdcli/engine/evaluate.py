@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from kdcli import methods, models
@@ -18,7 +19,9 @@ def model_info(loaded: models.Loaded, path: Path | None = None) -> rep.ModelInfo
     file = path or (Path(loaded.path) if loaded.path else None)
     return rep.ModelInfo(name=loaded.model.meta.architecture, source=loaded.source,
                          path=str(file) if file else None, params=loaded.model.num_params,
-                         sha256=ckpt.sha256(file) if file else None)
+                         sha256=ckpt.sha256(file) if file else None, trained=loaded.trained,
+                         adapted=list(loaded.adapted), class_order=loaded.class_order,
+                         input_size=loaded.model.meta.input_size)
 
 
 def data_info(data: DataBundle, corruption: dict | None = None, skipped: dict | None = None) -> rep.DataInfo:
@@ -26,6 +29,7 @@ def data_info(data: DataBundle, corruption: dict | None = None, skipped: dict | 
                         eval_split=data.eval_split, num_classes=data.num_classes, class_names=data.class_names,
                         num_train=data.num_train, num_eval=data.num_eval, image_size=data.image_size,
                         in_chans=data.in_chans, streaming=data.streaming, corruption=corruption,
+                        augment=data.augment, interpolation=data.interpolation, crop_pct=data.crop_pct,
                         skipped={k: v for k, v in (skipped or {}).items() if v is not None} or None)
 
 
@@ -34,7 +38,8 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, *, split: str | None = No
                         label_column: str | None = None, precision: str = "fp32",
                         workers: int | None = None, noise: str | None = None, imbalance: str | None = None,
                         corruption_seed: int = 0, class_order: str | None = None,
-                        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> rep.EvalReport:
+                        max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+                        ignore_class_names: bool = False) -> rep.EvalReport:
     """Metrics of a kdcli checkpoint on a dataset split, optionally against a teacher. The split is used as
     it is, unless ``noise``/``imbalance`` ask for it to be corrupted (then the report says how)."""
     path = Path(checkpoint).expanduser()
@@ -43,13 +48,15 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, *, split: str | None = No
     if not path.is_file():
         raise KdcliError(f"checkpoint {checkpoint} is not a file (nor a run folder holding {MODEL_FILE})")
     meta = ckpt.read_meta(path, "--model")
-    data = open_data(dataset, image_size=meta.input_size, image_column=image_column, label_column=label_column,
-                     eval_split=split, augment="none")
+    data = open_data(dataset, image_column=image_column, label_column=label_column, eval_split=split,
+                     augment="none")
+    data.set_input(meta.input_size, meta.interpolation, meta.crop_pct)  # the checkpoint's own input
     corruption = (data.corrupt(noise, imbalance, corruption_seed, class_order, split="eval")
                   if noise or imbalance else None)
     facts = data_facts(data)
-    loaded = models.load(str(path), facts)
-    t_loaded = models.load(teacher, facts, weights=teacher_weights, option="--teacher") if teacher else None
+    loaded = models.load(str(path), facts, ignore_class_names=ignore_class_names)
+    t_loaded = (models.load(teacher, replace(facts, image_size=meta.input_size), weights=teacher_weights,
+                            ignore_class_names=ignore_class_names, option="--teacher") if teacher else None)
     cfg = RunConfig(command="train", student=str(path), dataset=dataset, out=".", batch_size=batch_size,
                     precision=precision, workers=workers, max_bad_fraction=max_bad_fraction)
     accelerator = make_accelerator(precision, 0)

@@ -81,6 +81,9 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, auto_r
         if state == "finished":  # --auto-resume on a run that already ended: nothing to do
             return rep.Report.model_validate_json((out / REPORT_FILE).read_text()) if main else None
         sess = build(cfg, accelerator)
+        if main and console is not None:
+            for warning in sess.warnings:
+                console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
         _check_stop(stop, sess, None)  # a signal while building: stop before the folder is touched
         if overwrite and main:
             rundir.clear(out)

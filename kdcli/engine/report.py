@@ -37,10 +37,15 @@ class MetricsBlock(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str = Field(description="architecture (timm name)")
-    source: str = Field(description="timm | hf-hub | weights | checkpoint")
+    source: str = Field(description="timm | pretrained | hf-hub | local-dir | weights | checkpoint")
     path: str | None = None
     params: int
     sha256: str | None = Field(None, description="of the weights file, when there is one")
+    trained: bool | None = Field(None, description="false for fresh random weights")
+    adapted: list[str] = Field([], description="what loading changed to fit the data (classifier, first conv)")
+    class_order: str | None = Field(
+        None, description="how its class names met the dataset's: same | permuted | generic | ignored")
+    input_size: int | None = Field(None, description="the model's own input size (batches are resized to it)")
 
 
 class MethodInfo(BaseModel):
@@ -69,6 +74,9 @@ class DataInfo(BaseModel):
     image_size: int
     in_chans: int
     streaming: bool
+    augment: str | None = Field(None, description="the training augmentation recipe, as resolved")
+    interpolation: str | None = Field(None, description="resize interpolation of the student's input")
+    crop_pct: float | None = Field(None, description="evaluation: resize to image_size / crop_pct, centre crop")
     corruption: dict[str, Any] | None = None
     skipped: dict[str, Any] | None = Field(
         None, description="unreadable examples left out, per split: {count, examples: first names}; the "

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from accelerate import Accelerator
@@ -33,10 +33,10 @@ def data_facts(data: DataBundle) -> models.DataFacts:
 
 
 def open_run_data(cfg: RunConfig) -> DataBundle:
-    return open_data(cfg.dataset, image_size=cfg.image_size, image_column=cfg.image_column,
-                     label_column=cfg.label_column, train_split=cfg.train_split, eval_split=cfg.eval_split,
-                     streaming=cfg.streaming, augment=cfg.augment, seed=cfg.seed,
-                     shuffle_buffer=cfg.shuffle_buffer)
+    """The run's dataset at its native size (the student's input size is set once the student is loaded)."""
+    return open_data(cfg.dataset, image_column=cfg.image_column, label_column=cfg.label_column,
+                     train_split=cfg.train_split, eval_split=cfg.eval_split, streaming=cfg.streaming,
+                     augment=cfg.augment, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, num_classes=cfg.num_classes)
 
 
 def usable_cpus() -> int:
@@ -99,6 +99,7 @@ class Session:
     warmup_epochs: int = 0  # epochs of the method's warm-up stage, run before cfg.epochs
     teacher_eval_logits: list[torch.Tensor] = field(default_factory=list)
     eval_skipped: dict | None = None  # unreadable evaluation examples of the last evaluation
+    warnings: list[str] = field(default_factory=list)  # printed at the start of the run
 
     @property
     def device(self) -> torch.device:
@@ -232,18 +233,31 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     corruption = (data.corrupt(cfg.noise, cfg.imbalance, cfg.corruption_seed, cfg.class_order)
                   if cfg.noise or cfg.imbalance else None)
     facts = data_facts(data)
-    student_info = models.load(cfg.student, facts, weights=cfg.student_weights,
+    # the student's own input (a pretrained timm model's data configuration, a checkpoint's, else the data's
+    # native size; --image-size overrides) sets what the loader makes; a student starts from its weights
+    # whatever their class names say (it is trained on the dataset's)
+    student_info = models.load(cfg.student, facts, weights=cfg.student_weights, pretrained=cfg.student_pretrained,
+                               image_size=cfg.image_size, ignore_class_names=True,
                                option="--model" if cfg.command == "train" else "--student")
+    s_meta = student_info.model.meta
+    data.set_input(s_meta.input_size, s_meta.interpolation, s_meta.crop_pct)
+    warnings = list(data.warnings) + list(student_info.warnings)
     teacher_info = None
     if cfg.teacher:
-        teacher_info = models.load(cfg.teacher, facts, weights=cfg.teacher_weights, option="--teacher")
+        # the teacher gets the student's batch, resized on the device to its own input size
+        teacher_info = models.load(cfg.teacher, replace(facts, image_size=s_meta.input_size),
+                                   weights=cfg.teacher_weights, pretrained=cfg.teacher_pretrained,
+                                   image_size=cfg.teacher_image_size, ignore_class_names=cfg.ignore_class_names,
+                                   option="--teacher")
+        if teacher_info.trained or not mspec.online:  # a peer that trains may well start from random weights
+            warnings += teacher_info.warnings
     needs, online = mspec.needs, mspec.online
     student = student_info.model
     teacher = teacher_info.model if teacher_info else None
     if teacher is not None and needs & {"features", "preact"}:
         models.match_stages(student, teacher, cfg.student_stages, cfg.teacher_stages)
-    s_shapes = student.shapes(needs, data.image_size)
-    t_shapes = teacher.shapes(needs, data.image_size) if teacher is not None else None
+    s_shapes = student.shapes(needs)
+    t_shapes = teacher.shapes(needs) if teacher is not None else None
     try:
         method = mspec.build(s_shapes, t_shapes)
     except ValueError as e:  # a method that cannot work with these models, e.g. too few stages
@@ -284,7 +298,7 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     accelerator.unwrap_model(method).bind(student, teacher)
     return Session(cfg, accelerator, data, student, teacher, method, optimizer, train_loader, eval_loader,
                    student_info, teacher_info, needs, online=online, uses_teacher=mspec.uses_teacher,
-                   corruption=corruption,
+                   corruption=corruption, warnings=warnings,
                    warmup_epochs=accelerator.unwrap_model(method).warmup_epochs(cfg.epochs))
 
 

@@ -37,6 +37,8 @@ class ModelMeta(BaseModel):
     input_size: int
     mean: list[float]
     std: list[float]
+    interpolation: str = "bilinear"  # how the model's input is resized to input_size (timm's data config)
+    crop_pct: float = 1.0  # the centre-crop fraction of its evaluation transform (timm's data config)
     class_names: list[str]
     trained: dict[str, Any] = {}
     kdcli_version: str = __version__

@@ -32,11 +32,6 @@ CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 CARD_TAGS = ("image-classification", "timm", "knowledge-distillation", "kdcli")
 
-# kdcli evaluates at the native size: a shorter-side resize (bilinear, as torchvision's default) and a centre
-# crop, i.e. timm's eval transform with crop_pct 1.0.
-INTERPOLATION = "bilinear"
-CROP_PCT = 1.0
-
 # pretrained_cfg entries that describe where a net's initial weights came from, not the weights exported here.
 _PROVENANCE = ("tag", "license", "description", "origin_url", "paper_name", "paper_ids", "notes",
                "hf_hub_id", "hf_hub_filename", "url", "file", "source", "state_dict", "label_offset",
@@ -73,7 +68,8 @@ def write_model_folder(out: Path, net: nn.Module, meta: ModelMeta, report: Repor
 def _data_config(meta: ModelMeta) -> dict[str, Any]:
     """The preprocessing kdcli uses for this model, as timm names it."""
     return dict(input_size=(meta.in_chans, meta.input_size, meta.input_size), mean=tuple(meta.mean),
-                std=tuple(meta.std), interpolation=INTERPOLATION, crop_pct=CROP_PCT, crop_mode="center")
+                std=tuple(meta.std), interpolation=meta.interpolation, crop_pct=meta.crop_pct,
+                crop_mode="center")
 
 
 def _timm_config(out: Path, net: nn.Module, meta: ModelMeta, report: Report | None) -> dict[str, Any]:
@@ -257,8 +253,9 @@ def _usage(arch: str, meta: ModelMeta, folder: str, report: Report | None) -> li
         lines += [f"`{arch}` is one of the CIFAR networks that kdcli registers with timm, hence `import kdcli` "
                   "before `timm.create_model`.", ""]
     lines += [f"The model takes images scaled to [0, 1] and normalised with mean {_stats(meta.mean)} and std "
-              f"{_stats(meta.std)} (in `config.json`), which `create_transform` does. kdcli resizes the shorter "
-              f"side to {meta.input_size} (bilinear) and centre-crops: timm's eval transform with `crop_pct` 1.0.",
+              f"{_stats(meta.std)} (in `config.json`), which `create_transform` does. kdcli evaluates as timm "
+              f"does: the shorter side resized to {meta.input_size} / {meta.crop_pct:g} ({meta.interpolation}), "
+              f"then a centre crop of {meta.input_size}.",
               "", "With kdcli (`model.safetensors` is also a kdcli checkpoint):", "", "```bash",
               f"kdcli evaluate path/to/{folder} --dataset {dataset}", "```"]
     return lines
