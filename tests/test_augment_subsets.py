@@ -72,14 +72,6 @@ def _float(image: Image.Image) -> torch.Tensor:
     return F.to_dtype(F.to_image(image), torch.float32, scale=True).as_subclass(torch.Tensor)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_datasets_cache(tmp_path_factory):
-    """Keep what ``load_dataset`` caches for these throwaway folders out of the user's cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-datasets-cache"))
-        yield
-
-
 @pytest.fixture(scope="module")
 def large_folder(tmp_path_factory):
     """80 x 72 RGB images (above 64 px: auto means imagenet), train and test."""
@@ -467,7 +459,8 @@ def test_empty_classes_are_a_warning_naming_them(stray_label):
     (warning,) = bundle.warnings
     assert "10-56" in warning and "47 of them" in warning and "--num-classes N" in warning and "\n" not in warning
     sliced = open_data(stray_label, train_split="train[6:]")  # the class count is the whole splits'
-    assert sliced.num_classes == 58 and sliced.warnings == [warning]
+    assert sliced.num_classes == 58 and sliced.warnings[0] == warning
+    assert "holds 10 of its 11 classes" in sliced.warnings[1]  # the slice leaves the stray 57 out: said too
 
 
 def test_num_classes_overrides_and_checks(stray_label, sources):
@@ -488,3 +481,15 @@ def test_num_classes_overrides_and_checks(stray_label, sources):
         open_data(sources["parquet"], num_classes=4)
     with pytest.raises(KdcliError, match="at least 2"):
         open_data("digits", num_classes=1)
+
+
+def test_a_slice_that_misses_classes_is_a_warning(tmp_path):
+    """An image folder's rows are sorted by class: its first 30% hold a few classes only. Said, not silent."""
+    root = tmp_path / "sorted"
+    for k in range(4):
+        (root / f"c{k}").mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (8, 8), (60 * k, 0, 0)).save(root / f"c{k}" / f"{i}.png")
+    bundle = open_data(str(root), train_split="train[:30%]")
+    assert any("holds 2 of its 4 classes" in w for w in bundle.warnings), bundle.warnings
+    assert not any("classes (are its rows" in w for w in open_data(str(root)).warnings)

@@ -27,14 +27,6 @@ PARQUET_BAD_ROWS = (0, 7)  # row 0: a null image; row 7: bytes that are not an i
 PARQUET_EVAL_BAD_ROWS = (3,)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_datasets_cache(tmp_path_factory):
-    """Keep what ``load_dataset`` caches for these throwaway folders out of the user's cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-datasets-cache"))
-        yield
-
-
 def _truncated_png() -> bytes:
     """A PNG cut short inside its pixel data: it opens (the header is whole) but does not load."""
     noise = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)

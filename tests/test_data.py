@@ -58,14 +58,6 @@ def _check_colour_labels(bundle: DataBundle, dataset) -> None:
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_datasets_cache(tmp_path_factory):
-    """Keep what ``load_dataset`` caches for these throwaway folders out of the user's cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-datasets-cache"))
-        yield
-
-
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagefolder")

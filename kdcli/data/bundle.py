@@ -953,6 +953,14 @@ def _labels(spec: str, train, eval_, label_col: str, train_side: tuple, eval_sid
     for split_name, labels in checked:
         if not len(labels):
             continue
+        if split_name == train_spec.text and "[" in split_name and whole:
+            # a slice of rows sorted by class (an image folder's) holds only some of the split's classes
+            held, of = len(np.unique(labels)), len(np.unique(whole[0][1]))
+            if held < of:
+                warnings.append(
+                    f"the {split_name!r} slice of dataset {spec!r} holds {held} of its {of} "
+                    "classes (are its rows sorted by class, as an image folder's are?): use the whole split, or a "
+                    "source whose rows are shuffled")
         if num_classes is not None and labels.max() >= num_classes:
             raise KdcliError(
                 f"the {split_name!r} split of dataset {spec!r} has label {labels.max()}, but --num-classes is "
