@@ -26,16 +26,4 @@ kdcli train   --model "$STUDENT" "${COMMON[@]}" --out "$OUT/student_ce"
 kdcli distill --teacher "$OUT/teacher" --student "$STUDENT" --method kd "${COMMON[@]}" --out "$OUT/student_kd"
 echo "total: $(( $(date +%s) - start )) s"
 
-python - "$OUT" <<'PY'
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-print("\n| run | model | params | top-1 | best top-1 | NLL | ECE | agreement with teacher | minutes |")
-print("|---|---|---|---|---|---|---|---|---|")
-for run in ("teacher", "student_ce", "student_kd"):
-    r = json.loads((out / run / "report.json").read_text())
-    m, best = r["metrics"]["final"], r["metrics"]["best"]
-    agree = "–" if m["teacher_agreement"] is None else f"{100 * m['teacher_agreement']:.1f}%"
-    print(f"| {run} | {r['student']['name']} | {r['student']['params'] / 1e6:.2f}M | {100 * m['top1']:.2f}% "
-          f"| {100 * best['top1']:.2f}% (epoch {best['epoch']}) | {m['nll']:.3f} | {m['ece']:.3f} | {agree} "
-          f"| {r['timing']['total_seconds'] / 60:.1f} |")
-PY
+python "$(dirname "$0")/summary.py" "$OUT"

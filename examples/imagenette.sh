@@ -35,16 +35,4 @@ kdcli distill --teacher "$OUT/teacher" --student "$STUDENT" --image-size "$STUDE
       --epochs "$S_EPOCHS" "${COMMON[@]}" --out "$OUT/student_kd"
 echo "total: $(( $(date +%s) - start )) s"
 
-python - "$OUT" <<'PY'
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-print("\n| run | model | input | params | top-1 | NLL | ECE | agreement with teacher | minutes |")
-print("|---|---|---|---|---|---|---|---|---|")
-for run in ("teacher", "student_ce", "student_kd"):
-    r = json.loads((out / run / "report.json").read_text())
-    m = r["metrics"]["final"]
-    agree = "–" if m["teacher_agreement"] is None else f"{100 * m['teacher_agreement']:.1f}%"
-    print(f"| {run} | {r['student']['name']} | {r['student'].get('input_size') or r['data']['image_size']} px "
-          f"| {r['student']['params'] / 1e6:.2f}M | {100 * m['top1']:.2f}% | {m['nll']:.3f} | {m['ece']:.3f} "
-          f"| {agree} | {r['timing']['total_seconds'] / 60:.1f} |")
-PY
+python "$(dirname "$0")/summary.py" "$OUT"

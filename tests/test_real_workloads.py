@@ -90,7 +90,10 @@ def test_class_names_travel_with_checkpoints(tmp_path, capsys):
     assert perm.checkpoint.class_order == "permuted" and same.checkpoint.class_order == "same"
     err = fails(capsys, "evaluate", teacher, "--dataset", other)
     assert "class names" in err and "--ignore-class-names" in err
-    kdcli("evaluate", teacher, "--dataset", other, "--ignore-class-names")
+    kdcli("evaluate", teacher, "--dataset", other, "--ignore-class-names", "--out", tmp_path / "other.json")
+    ignored = EvalReport.model_validate_json((tmp_path / "other.json").read_text())
+    assert ignored.checkpoint.class_order == "ignored"  # used in index order, as asked: classes 0..3 are 0..3
+    assert ignored.metrics.final.top1 == same.metrics.final.top1
     # distilling from the teacher onto the permuted copy teaches the right classes
     kdcli("distill", "--teacher", teacher, "--student", "cifar_resnet8", "--dataset", permuted, "--epochs", "1",
           "--batch-size", "16", "--out", tmp_path / "kd")
