@@ -85,7 +85,8 @@ def test_composition_sums_terms_and_keeps_one_ce():
     assert torch.equal(terms["ce"], alone["ce"])  # the first part's CE (weight 0.1), not ce's own
     assert torch.equal(terms["kd"], alone["kd"])
     spec = methods.spec("kd+ce", {"kd.T": "2"})
-    assert spec.resolved_args() == {"kd": {"T": 2.0, "ce_weight": 0.1, "kd_weight": 0.9},
+    assert spec.resolved_args() == {"kd": {"T": 2.0, "ce_weight": 0.1, "kd_weight": 0.9, "standardize": False,
+                                           "ensemble": "mean"},
                                     "ce": {"label_smoothing": 0.0}}
     assert spec.uses_teacher and spec.needs == frozenset({"logits"})
 

@@ -361,6 +361,18 @@ class DataBundle:
         slice, held out), when the training split was corrupted."""
         return None if self.clean_labels is None else (self.clean_labels, self._noisy)
 
+    def train_labels(self) -> np.ndarray | None:
+        """The labels training uses (after corruption), by original row index, -1 for rows not trained on
+        (outside a slice, held out, dropped by imbalance); None when streaming (rows are not known ahead)."""
+        if self.streaming:
+            return None
+        if self._noisy is not None:
+            out = np.full(len(self._noisy), -1, dtype=np.int64)
+            out[self._rows] = self._noisy[self._rows]
+            return out
+        full, used = self._label_rows(self._train, self._train_subset)
+        return _by_row(len(full), used, full[used])
+
     def _transform(self, train: bool) -> ImageTransform:
         return ImageTransform(self.in_chans, self.image_size, self.augment, train=train, seed=self.seed,
                               epoch=self._epoch, interpolation=self.interpolation, crop_pct=self.crop_pct)

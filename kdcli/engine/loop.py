@@ -207,7 +207,7 @@ def _epoch(sess: Session, epoch: int, pos: res.Position, started: float, progres
             continue
         images, labels = batch["image"].to(sess.device), batch["label"].to(sess.device)
         try:
-            terms = sess.train_step(images, labels)
+            terms = sess.train_step(images, labels, batch["index"].to(sess.device))
         except TrainingDiverged as e:
             last = f"epoch {epoch}" if epoch else "none: it diverged in the first epoch"
             raise TrainingDiverged(f"{e} at epoch {epoch + 1}, step {step + 1}; last good state: {last} "

@@ -115,8 +115,9 @@ class Session:
     def total_epochs(self) -> int:
         return self.warmup_epochs + self.cfg.epochs
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimisation step; returns the detached loss terms."""
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor,
+                   index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One optimisation step (``index``: the examples' original row indices); returns the detached loss terms."""
         with self.accelerator.autocast():
             t = None
             if self.online:
@@ -127,7 +128,7 @@ class Session:
                     t = self.teacher(images, self.needs)
                 t = t.map(torch.Tensor.clone)  # inference tensors cannot take part in autograd
             s = self.student(images, self.needs)
-            terms = self.method(s, t, labels, images=images)  # warm-up or main terms: see use_warmup
+            terms = self.method(s, t, labels, images=images, index=index)  # warm-up or main terms: see use_warmup
         loss = sum(terms.values())
         if self.accelerator.num_processes > 1:
             # DDP expects every output of a wrapped model to reach the loss; a stage that uses only some
@@ -230,6 +231,9 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     if mspec.uses_teacher and not cfg.teacher:
         raise KdcliError(f"method {cfg.method!r} needs a teacher (a peer, for online methods): pass --teacher")
     data = open_run_data(cfg)
+    if "index" in mspec.needs and data.train_labels() is None:
+        raise KdcliError(f"--method {cfg.method} keeps a memory per training example, indexed by its row: it needs "
+                         "map-style data; drop --streaming")
     corruption = (data.corrupt(cfg.noise, cfg.imbalance, cfg.corruption_seed, cfg.class_order)
                   if cfg.noise or cfg.imbalance else None)
     facts = data_facts(data)
@@ -296,6 +300,8 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     if not streaming:  # a streamed split is already divided between processes by the data layer
         train_loader = accelerator.prepare(train_loader)
     accelerator.unwrap_model(method).bind(student, teacher)
+    if "index" in needs:
+        accelerator.unwrap_model(method).attach_data(torch.from_numpy(data.train_labels()))
     return Session(cfg, accelerator, data, student, teacher, method, optimizer, train_loader, eval_loader,
                    student_info, teacher_info, needs, online=online, uses_teacher=mspec.uses_teacher,
                    corruption=corruption, warnings=warnings,

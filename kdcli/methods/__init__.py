@@ -1,6 +1,14 @@
 """Distillation methods: one registry, one small class per method, grouped by family."""
 
-from kdcli.methods import boundary, features, logits, online, relations  # noqa: F401  (registers the methods)
+from kdcli.methods import (  # noqa: F401  (registers the methods)
+    boundary,
+    contrastive,
+    features,
+    logits,
+    online,
+    relations,
+    review,
+)
 from kdcli.methods.base import (
     Composite,
     Method,

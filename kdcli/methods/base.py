@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from kdcli.errors import KdcliError
 
@@ -24,9 +25,14 @@ class Outputs:
     features: list[Tensor] = field(default_factory=list)  # matched stage maps, NCHW, shallow to deep
     pooled: Tensor | None = None  # (B, D) penultimate embedding
     preact: list[Tensor] = field(default_factory=list)  # pre-activation stage maps, when asked for
+    # a teacher ensemble's per-teacher logits (dataset class order); empty for one model. ``logits`` is then
+    # the ensemble's own prediction, log of the mean probability; logit methods read the members through
+    # :func:`teacher_log_probs`, feature fields come from the one feature teacher
+    members: list[Tensor] = field(default_factory=list)
 
     def tensors(self) -> list[Tensor]:
-        return [self.logits, *self.features, *([self.pooled] if self.pooled is not None else []), *self.preact]
+        return [self.logits, *self.features, *([self.pooled] if self.pooled is not None else []), *self.preact,
+                *self.members]
 
     def map(self, fn) -> Outputs:
         """Apply ``fn`` to every tensor (used to turn inference tensors into ordinary ones)."""
@@ -35,6 +41,7 @@ class Outputs:
             features=[fn(f) for f in self.features],
             pooled=None if self.pooled is None else fn(self.pooled),
             preact=[fn(f) for f in self.preact],
+            members=[fn(m) for m in self.members],
         )
 
 
@@ -65,8 +72,13 @@ class Method(nn.Module):
     name: ClassVar[str]
     family: ClassVar[str]  # baseline | logits | features | boundary | relations | online
     mimics: ClassVar[str]
-    needs: ClassVar[frozenset[str]] = frozenset({"logits"})  # of: logits, features, pooled, preact
+    # of: logits, features, pooled, preact; and "index": the loop passes each example's original index
+    # (map-style data only: a streamed split is refused with one line)
+    needs: ClassVar[frozenset[str]] = frozenset({"logits"})
     uses_teacher: ClassVar[bool] = True
+    # with several --teacher: "combined" reads the ensemble's target (teacher_log_probs), "one" reads the
+    # --feature-teacher only, "no" refuses an ensemble (the method runs the teacher itself, or trains it)
+    teachers: ClassVar[str] = "one"
     online: ClassVar[bool] = False  # the teacher trains too (DML): its terms reach it through autograd
     stages_note: ClassVar[str] = ""  # one line for `kdcli methods`, e.g. "warm-up: hint stage"
     Args: ClassVar[type[MethodArgs]] = MethodArgs
@@ -76,11 +88,13 @@ class Method(nn.Module):
         super().__init__()
         self.args = args if args is not None else self.Args()
         self.progress = 0.0  # fraction of the main training stage done, set by the loop each epoch
+        self.epoch, self.epochs = 0, 1  # 0-based epoch of the main stage and their number, set likewise
         self._models: tuple = ()
 
     def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *,
-                images: Tensor | None = None) -> dict[str, Tensor]:
-        """Named, already weighted loss terms for one batch (``images``: the [0, 1] input batch)."""
+                images: Tensor | None = None, index: Tensor | None = None) -> dict[str, Tensor]:
+        """Named, already weighted loss terms for one batch (``images``: the [0, 1] input batch; ``index``:
+        each example's original row index, for methods that need "index")."""
         raise NotImplementedError
 
     # -- optional hooks ---------------------------------------------------------------------------
@@ -89,13 +103,24 @@ class Method(nn.Module):
         return 0
 
     def warmup(self, s: Outputs, t: Outputs | None, target: Tensor, *,
-               images: Tensor | None = None) -> dict[str, Tensor]:
+               images: Tensor | None = None, index: Tensor | None = None) -> dict[str, Tensor]:
         """Loss terms of the warm-up stage (only called when ``warmup_epochs`` > 0)."""
         raise NotImplementedError
 
     def set_progress(self, epoch: int, epochs: int) -> None:
         """Called by the loop before each training epoch (0-based ``epoch`` of ``epochs``)."""
         self.progress = epoch / max(epochs, 1)
+        self.epoch, self.epochs = epoch, max(epochs, 1)
+
+    def ramp(self, fraction: float) -> float:
+        """A linear warm-up factor of a loss term over ``fraction`` of the main epochs, per epoch as in
+        mdistiller (``min(epoch / warmup, 1)`` with 1-based epochs): 1/20 in the first epoch of a 20-epoch ramp."""
+        length = fraction * self.epochs
+        return 1.0 if length <= 0 else min((self.epoch + 1) / length, 1.0)
+
+    def attach_data(self, labels: Tensor) -> None:
+        """Called once by the session with the training labels by original row index (-1: a row not trained
+        on), for methods that need the dataset (CRD's memory and class-aware negatives). Map-style data only."""
 
     def use_warmup(self, on: bool) -> None:
         """Make calling the method compute the warm-up terms (``on``) or the main ones.
@@ -199,6 +224,7 @@ class Composite(Method):
         self.needs = frozenset().union(*(p.needs for p in parts))
         self.uses_teacher = any(p.uses_teacher for p in parts)
         self.online = any(p.online for p in parts)
+        self.teachers = _teachers_of([p.teachers for p in parts])
 
     @staticmethod
     def _merge(part_terms: list[tuple[str, dict[str, Tensor]]]) -> dict[str, Tensor]:
@@ -214,14 +240,15 @@ class Composite(Method):
         # an online peer's outputs carry grad: only the online part may move it
         return t if t is None or part.online else t.map(Tensor.detach)
 
-    def forward(self, s, t, target, *, images=None):
-        return self._merge([(p.name, p(s, self._teacher_for(p, t), target, images=images)) for p in self.parts])
+    def forward(self, s, t, target, *, images=None, index=None):
+        return self._merge([(p.name, p(s, self._teacher_for(p, t), target, images=images, index=index))
+                            for p in self.parts])
 
     def warmup_epochs(self, epochs: int) -> int:
         return max(p.warmup_epochs(epochs) for p in self.parts)
 
-    def warmup(self, s, t, target, *, images=None):
-        return self._merge([(p.name, p.warmup(s, self._teacher_for(p, t), target, images=images))
+    def warmup(self, s, t, target, *, images=None, index=None):
+        return self._merge([(p.name, p.warmup(s, self._teacher_for(p, t), target, images=images, index=index))
                             for p in self.parts if p.warmup_epochs(1) > 0])
 
     def set_progress(self, epoch: int, epochs: int) -> None:
@@ -233,6 +260,15 @@ class Composite(Method):
         super().bind(student, teacher)
         for p in self.parts:
             p.bind(student, teacher)
+
+    def attach_data(self, labels: Tensor) -> None:
+        for p in self.parts:
+            p.attach_data(labels)
+
+
+def _teachers_of(kinds: list[str]) -> str:
+    """What a composition does with an ensemble: refuses it if a part does, reads it whole if a part does."""
+    return "no" if "no" in kinds else "combined" if "combined" in kinds else "one"
 
 
 @dataclass(frozen=True)
@@ -257,6 +293,10 @@ class MethodSpec:
     @property
     def family(self) -> str:
         return "+".join(cls.family for cls, _ in self.parts)
+
+    @property
+    def teachers(self) -> str:
+        return _teachers_of([cls.teachers for cls, _ in self.parts])
 
     def resolved_args(self) -> dict[str, object]:
         if len(self.parts) == 1:
@@ -304,3 +344,59 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0) -> Te
     log_p_s = torch.log_softmax(student_logits.float() / T, dim=1)
     log_p_t = torch.log_softmax(teacher_logits.detach().float() / T, dim=1)  # the target moves nothing
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
+
+
+def standardized(z: Tensor, eps: float = 1e-7) -> Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): per example, (z − mean) / (eps + std), the std unbiased
+    as torch's default (the authors' ``normalize`` in mdistiller/distillers/KD.py)."""
+    z = z.float()
+    return (z - z.mean(dim=1, keepdim=True)) / (eps + z.std(dim=1, keepdim=True))
+
+
+ENSEMBLE_WEIGHTINGS = ("mean", "camkd")
+
+
+def ensemble_weights(members: list[Tensor], target: Tensor | None, weighting: str = "mean") -> Tensor:
+    """Per-example weights of K teachers, shape (K, B), each column summing to 1.
+
+    ``mean``: 1/K. ``camkd``: confidence-aware weights of CA-MKD (Zhang, Chen & Wang, ICASSP 2022,
+    github.com/Rorozhl/CA-MKD, distiller_zoo/CAMKD.py): w_k = (1 − softmax_k(CE(z_k, y))) / (K − 1), so a
+    teacher that is more confident in the true label weighs more; with one teacher, 1.
+    """
+    k, b = len(members), members[0].shape[0]
+    if k == 1 or weighting == "mean":
+        return members[0].new_full((k, b), 1.0 / k, dtype=torch.float32)
+    if weighting != "camkd":
+        raise ValueError(f"unknown ensemble weighting {weighting!r}; choose one of {', '.join(ENSEMBLE_WEIGHTINGS)}")
+    if target is None or target.dim() != 1:
+        raise ValueError("ensemble=camkd weighs teachers by their loss on the hard labels, which this batch lacks")
+    ce = torch.stack([F.cross_entropy(z.detach().float(), target, reduction="none") for z in members])
+    return (1.0 - torch.softmax(ce, dim=0)) / (k - 1)
+
+
+def teacher_log_probs(t: Outputs, T: float = 1.0, *, target: Tensor | None = None, weighting: str = "mean",
+                      standardize: bool = False) -> Tensor:
+    """log p_t at temperature ``T``, detached, float32: log softmax(z_t / T) for one teacher; for an ensemble,
+    the log of the weighted mixture Σ_k w_k softmax(z_k / T) (``ensemble_weights``), each member standardized
+    first when ``standardize``.
+
+    Distilling from the mixture is how kdcli distills from several teachers: since cross-entropy is linear in
+    the target, KL(mixture ‖ p_s) equals the weighted mean of the per-teacher KLs up to a term free of the
+    student (big_vision, trainers/proj/distill/distill.py, which sums per-teacher KLs and notes this), so the
+    student's gradients are those of averaging the per-teacher losses; methods that are not KLs (DIST's
+    correlations, DKD's decoupled terms) get one well-defined target as well.
+    """
+    members = t.members or [t.logits]
+    with torch.no_grad():
+        zs = [standardized(z) if standardize else z.float() for z in members]
+        logp = [torch.log_softmax(z.detach() / T, dim=1) for z in zs]
+        if len(logp) == 1:
+            return logp[0]
+        w = ensemble_weights(members, target, weighting)
+        return torch.logsumexp(torch.stack(logp) + w.clamp_min(1e-30).log().unsqueeze(-1), dim=0)
+
+
+def kl_to(student_logits: Tensor, teacher_log_p: Tensor, T: float = 1.0) -> Tensor:
+    """KL(p_t ‖ softmax(s / T)) averaged over the batch, for a teacher given by its log-probabilities."""
+    log_p_s = torch.log_softmax(student_logits.float() / T, dim=1)
+    return (teacher_log_p.exp() * (teacher_log_p - log_p_s)).sum(dim=1).mean()

@@ -107,10 +107,10 @@ class AB(Method):
     def warmup_epochs(self, epochs: int) -> int:
         return warmup_length(self.args.warmup, epochs)
 
-    def warmup(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None) -> dict[str, Tensor]:
+    def warmup(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None, index=None) -> dict[str, Tensor]:
         return {"ab": self.args.beta * self.ab_loss(s, t)}
 
-    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None) -> dict[str, Tensor]:
+    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None, index=None) -> dict[str, Tensor]:
         return {"ce": self.args.ce_weight * F.cross_entropy(s.logits.float(), target)}
 
 
@@ -160,6 +160,7 @@ class BSS(Method):
     name = "bss"
     family = "boundary"
     mimics = "the teacher's decision boundary, on adversarial samples pushed towards it"
+    teachers = "no"
     stages_note = "per step: targeted attack on the teacher (10 steps); BSS weight 2 → 0 by 75 % of training"
 
     class Args(MethodArgs):
@@ -235,7 +236,7 @@ class BSS(Method):
         return self.attack(images[idx], base, goal), idx
 
     def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *,
-                images: Tensor | None = None) -> dict[str, Tensor]:
+                images: Tensor | None = None, index: Tensor | None = None) -> dict[str, Tensor]:
         a = self.args
         terms = {"ce": a.ce_weight * F.cross_entropy(s.logits.float(), target),
                  "kd": self.kd_weight_now() * kl_div(s.logits, t.logits, a.T)}

@@ -103,13 +103,13 @@ class FitNet(Method):
         f_s = self.regressor(match_spatial(s.features[self.stage], self.target_size))
         return F.mse_loss(f_s.float(), t.features[self.stage].float())
 
-    def forward(self, s, t, target, *, images=None):
+    def forward(self, s, t, target, *, images=None, index=None):
         return {"ce": _ce(s, target, self.args.ce_weight), "fitnet": self.args.beta * self.hint(s, t)}
 
     def warmup_epochs(self, epochs: int) -> int:
         return warmup_length(self.args.warmup, epochs)
 
-    def warmup(self, s, t, target, *, images=None):
+    def warmup(self, s, t, target, *, images=None, index=None):
         return {"fitnet": self.args.beta * self.hint(s, t)}
 
 
@@ -148,7 +148,7 @@ class AT(Method):
         s_shapes, _ = _feature_shapes(self.name, student, teacher)
         self.n_stages = len(s_shapes)
 
-    def forward(self, s, t, target, *, images=None):
+    def forward(self, s, t, target, *, images=None, index=None):
         _check_len(self.name, s, t, self.n_stages)
         total = 0.0
         for f_s, f_t in zip(s.features, t.features, strict=True):
@@ -219,13 +219,13 @@ class FSP(Method):
             total = total + (fsp_matrix(g_s[i], g_s[i + 1]) - fsp_matrix(g_t[i], g_t[i + 1])).pow(2).mean()
         return total
 
-    def forward(self, s, t, target, *, images=None):
+    def forward(self, s, t, target, *, images=None, index=None):
         return {"ce": _ce(s, target, self.args.ce_weight)}
 
     def warmup_epochs(self, epochs: int) -> int:
         return warmup_length(self.args.warmup, epochs)
 
-    def warmup(self, s, t, target, *, images=None):
+    def warmup(self, s, t, target, *, images=None, index=None):
         return {"fsp": self.args.beta * self.fsp_loss(s, t)}
 
 
@@ -310,7 +310,7 @@ class FT(Method):
         self.paraphraser = Paraphraser(c_t, factor, bn=self.args.paraphraser_bn)
         self.translator = _conv_stack([c_s, c_s, factor, factor], transpose=False, bn=True)
 
-    def forward(self, s, t, target, *, images=None):
+    def forward(self, s, t, target, *, images=None, index=None):
         _check_len(self.name, s, t, self.n_stages)
         self.paraphraser.eval()  # frozen in the main stage (RepDistiller sets it to eval as well)
         with torch.no_grad():
@@ -322,7 +322,7 @@ class FT(Method):
     def warmup_epochs(self, epochs: int) -> int:
         return warmup_length(self.args.warmup, epochs)
 
-    def warmup(self, s, t, target, *, images=None):
+    def warmup(self, s, t, target, *, images=None, index=None):
         _check_len(self.name, s, t, self.n_stages)
         self.paraphraser.train(self.training)
         f_t = t.features[-1]

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from torch import Tensor
 from torch.nn import functional as F
 
-from kdcli.methods.base import Method, MethodArgs, Outputs, kl_div, register
+from kdcli.methods.base import Method, MethodArgs, Outputs, kl_to, register, standardized, teacher_log_probs
+
+
+def ensemble_field():
+    """The ``ensemble`` argument of logit methods: how several --teacher combine into one target."""
+    return Field("mean", description="with several teachers: mean of their probabilities, or CA-MKD's "
+                                     "per-example confidence weights (camkd)")
+
+
+Ensemble = Literal["mean", "camkd"]
 
 
 @register
@@ -21,7 +32,7 @@ class CrossEntropy(Method):
     class Args(MethodArgs):
         label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
-    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None) -> dict[str, Tensor]:
+    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None, index=None) -> dict[str, Tensor]:
         return {"ce": F.cross_entropy(s.logits.float(), target, label_smoothing=self.args.label_smoothing)}
 
 
@@ -33,20 +44,29 @@ class KD(Method):
     The T² factor keeps the soft-target gradients on the scale of the hard-target ones (paper, §2).
     Defaults (T=4, CE 0.1, KD 0.9) are the CIFAR-100 recipe of RepDistiller (Tian et al., 2020,
     "Contrastive Representation Distillation"), the field's standard benchmark code.
+
+    ``standardize=true`` z-scores both models' logits per example before the temperature (Sun et al., CVPR
+    2024, "Logit Standardization in Knowledge Distillation"; the CE term keeps the raw logits); ``lskd`` is
+    that method with its own defaults. With several teachers the target is their mixture (``ensemble``).
     """
 
     name = "kd"
     family = "logits"
     mimics = "the teacher's softened output distribution"
+    teachers = "combined"
 
     class Args(MethodArgs):
         T: float = Field(4.0, gt=0.0, description="softmax temperature")
         ce_weight: float = Field(0.1, ge=0.0, description="weight of the hard-label cross-entropy")
         kd_weight: float = Field(0.9, ge=0.0, description="weight of the T²-scaled KL term")
+        standardize: bool = Field(False, description="z-score the logits per example first (logit standardization)")
+        ensemble: Ensemble = ensemble_field()
 
-    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None) -> dict[str, Tensor]:
+    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None, index=None) -> dict[str, Tensor]:
         a = self.args
+        log_p_t = teacher_log_probs(t, a.T, target=target, weighting=a.ensemble, standardize=a.standardize)
+        z_s = standardized(s.logits) if a.standardize else s.logits
         return {
             "ce": a.ce_weight * F.cross_entropy(s.logits.float(), target),
-            "kd": a.kd_weight * a.T**2 * kl_div(s.logits, t.logits, a.T),
+            "kd": a.kd_weight * a.T**2 * kl_to(z_s, log_p_t, a.T),
         }

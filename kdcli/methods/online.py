@@ -40,6 +40,7 @@ class DML(Method):
     mimics = "a peer trained alongside it, each matching the other's predictions"
     needs = frozenset({"logits"})
     online = True
+    teachers = "no"
     stages_note = "online: the teacher is a peer, trained alongside the student"
 
     class Args(MethodArgs):
@@ -47,7 +48,7 @@ class DML(Method):
         kl_weight: float = Field(1.0, ge=0.0, description="weight λ of each network's T²-scaled KL to the other")
         ce_weight: float = Field(1.0, ge=0.0, description="weight of each network's hard-label cross-entropy")
 
-    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None) -> dict[str, Tensor]:
+    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None, index=None) -> dict[str, Tensor]:
         a = self.args
         ls, lt = s.logits.float(), t.logits.float()
         scale = a.kl_weight * a.T**2

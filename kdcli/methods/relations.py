@@ -102,7 +102,7 @@ class RKD(Method):
         angle_weight: float = Field(50.0, ge=0.0, description="weight of the angle-wise term")
         ce_weight: float = Field(1.0, ge=0.0, description="weight of the hard-label cross-entropy")
 
-    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None) -> dict[str, Tensor]:
+    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None, index=None) -> dict[str, Tensor]:
         a = self.args
         es, et = s.pooled.float().flatten(1), t.pooled.float().flatten(1)
         zero = es.new_zeros(())
@@ -142,7 +142,7 @@ class SP(Method):
         gamma: float = Field(3000.0, ge=0.0, description="weight γ of the similarity-preserving term")
         ce_weight: float = Field(1.0, ge=0.0, description="weight of the hard-label cross-entropy")
 
-    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None) -> dict[str, Tensor]:
+    def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None, index=None) -> dict[str, Tensor]:
         a = self.args
         g_s = similarity_matrix(s.features[-1])
         with torch.no_grad():
