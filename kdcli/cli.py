@@ -80,7 +80,7 @@ def _run(values: dict, resume: Path | None, overwrite: bool, auto_resume: bool, 
         cfg = loop.resumed_config(resume)
         console.print(f"resuming the run in {resume} with its own options")
     else:
-        missing = [f"--{k.replace('_', '-')}" for k in required if values.get(k) is None]
+        missing = [f"--{k.replace('_', '-')}" for k in required if values.get(k) in (None, [], ())]
         if missing:
             raise KdcliError(f"missing option {', '.join(missing)} (or pass --resume DIR)")
         cfg = make_config(**{k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()})
@@ -145,14 +145,20 @@ def train(
 
 @app.command()
 def distill(
-    teacher: Annotated[str | None, typer.Option(help="timm model name, cifar_* name, or kdcli checkpoint")] = None,
-    teacher_weights: Annotated[str | None, typer.Option(
-        help="weights (.safetensors, or .pth/.bin read with weights_only) for a named teacher architecture")] = None,
+    teacher: Annotated[list[str] | None, typer.Option(
+        help="timm model name, cifar_* name, or kdcli checkpoint; repeat for an ensemble of teachers (logit "
+             "methods distill from the mean of their probabilities)")] = None,
+    teacher_weights: Annotated[list[str] | None, typer.Option(
+        help="weights (.safetensors, or .pth/.bin read with weights_only) for a named teacher architecture; with "
+             "several --teacher, one per teacher in the same order ('-' for none)")] = None,
     teacher_pretrained: Annotated[bool, typer.Option(
         help="timm's pretrained weights for the --teacher name (e.g. resnet50.a1_in1k, hf-hub:...)")] = False,
-    teacher_image_size: Annotated[int | None, typer.Option(
-        help="the teacher's input size; it gets the student's images resized on the device "
-             "[default: a pretrained timm teacher's own, a checkpoint's, else the student's]")] = None,
+    teacher_image_size: Annotated[list[int] | None, typer.Option(
+        help="the teacher's input size; it gets the student's images resized on the device; one for all "
+             "teachers or one per teacher [default: a pretrained timm teacher's own, a checkpoint's, else "
+             "the student's]")] = None,
+    feature_teacher: Annotated[int, typer.Option(
+        help="with several --teacher: the one (0 = the first) whose features feature methods read")] = 0,
     student: Annotated[str | None, typer.Option(help="timm model name, cifar_* name, or kdcli checkpoint")] = None,
     student_weights: Annotated[str | None, typer.Option(help="initial weights for a named student")] = None,
     student_pretrained: Annotated[bool, typer.Option(
@@ -201,6 +207,7 @@ def distill(
     for k in ("resume", "overwrite", "auto_resume", "method_arg", "stop_after_epoch"):
         values.pop(k)
     values.update(command="distill", method_args=_key_values(method_arg or []),
+                  teacher_weights=[None if w == "-" else w for w in teacher_weights] if teacher_weights else None,
                   student_stages=_int_list(student_stages, "--student-stages"),
                   teacher_stages=_int_list(teacher_stages, "--teacher-stages"))
     _run(values, resume, overwrite, auto_resume, ("teacher", "student", "dataset", "out"), stop_after_epoch)
@@ -230,8 +237,10 @@ def evaluate(
     checkpoint: Annotated[str, typer.Argument(help="a kdcli checkpoint (model.safetensors)")],
     dataset: Annotated[str, typer.Option(help="dataset to evaluate on (as for train)")],
     split: Annotated[str | None, typer.Option(help="split [default: test/validation/valid]")] = None,
-    teacher: Annotated[str | None, typer.Option(help="compare with this teacher (agreement, KL)")] = None,
-    teacher_weights: Annotated[str | None, typer.Option(help="weights for a named teacher")] = None,
+    teacher: Annotated[list[str] | None, typer.Option(
+        help="compare with this teacher (agreement, KL, its own top-1); repeat for an ensemble")] = None,
+    teacher_weights: Annotated[list[str] | None, typer.Option(
+        help="weights for a named teacher; with several, one per teacher ('-' for none)")] = None,
     batch_size: Annotated[int, typer.Option(help="batch size", min=1)] = 128,
     image_column: ImageColumn = None,
     label_column: LabelColumn = None,
@@ -253,8 +262,9 @@ def evaluate(
 
     if out is not None and out.is_dir():
         raise KdcliError(f"--out {out} is a folder; give a file name such as {out}/eval.json")
+    weights = [None if w == "-" else w for w in teacher_weights] if teacher_weights else None
     result = loop.evaluate_checkpoint(checkpoint, dataset, split=split, teacher=teacher,
-                                      teacher_weights=teacher_weights, batch_size=batch_size,
+                                      teacher_weights=weights, batch_size=batch_size,
                                       image_column=image_column, label_column=label_column,
                                       precision=precision, workers=workers, noise=noise, imbalance=imbalance,
                                       corruption_seed=corruption_seed, class_order=class_order,
@@ -275,6 +285,8 @@ def evaluate(
     if m.teacher_agreement is not None:
         table.add_row("agreement with teacher", f"{100 * m.teacher_agreement:.2f}%")
         table.add_row("KL(teacher ‖ model)", f"{m.teacher_kl:.4f}")
+        who = "teacher" if len(result.teachers or []) < 2 else f"ensemble of {len(result.teachers)} teachers"
+        table.add_row(f"top-1 of the {who}", f"{100 * m.teacher_top1:.2f}%")
     console.print(table)
     if out is not None:
         write_text_atomic(out, result.model_dump_json(indent=2))

@@ -6,9 +6,9 @@ from its report alone.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 
 from kdcli.errors import KdcliError
 
@@ -21,10 +21,13 @@ class RunConfig(BaseModel):
     student: str = Field(description="timm model name or kdcli checkpoint path")
     student_weights: str | None = None
     student_pretrained: bool = False  # timm's pretrained weights for the student's name (tag, hf-hub:)
-    teacher: str | None = None
-    teacher_weights: str | None = None
+    # one teacher, or an ensemble (--teacher repeated): each with its own weights file (by position), input
+    # size (one value: all of them) and normalisation; one teacher is written as a plain string
+    teacher: list[str] | None = None
+    teacher_weights: list[str | None] | None = None
     teacher_pretrained: bool = False
-    teacher_image_size: int | None = Field(None, gt=0)  # the teacher's input [default: its own / the data's]
+    teacher_image_size: list[Annotated[int, Field(gt=0)]] | None = None  # [default: its own / the data's]
+    feature_teacher: int = Field(0, ge=0)  # with several teachers: the one feature methods read (0: the first)
     ignore_class_names: bool = False  # accept a checkpoint whose class names differ from the dataset's
     # method
     method: str = "ce"
@@ -59,6 +62,34 @@ class RunConfig(BaseModel):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # output
     out: str
+
+
+    @field_validator("teacher", "teacher_weights", "teacher_image_size", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str | int) and not isinstance(v, bool) else (v or None)
+
+    @field_serializer("teacher", "teacher_weights", "teacher_image_size")
+    def _one_as_itself(self, v):
+        return v[0] if v is not None and len(v) == 1 else v
+
+    def model_post_init(self, context) -> None:
+        n = len(self.teacher or [])
+        if self.teacher_weights is not None and len(self.teacher_weights) != n:
+            raise KdcliError(f"--teacher-weights given {len(self.teacher_weights)} times for {n} --teacher: give one "
+                             "per teacher, in the same order")
+        if self.teacher_image_size is not None and len(self.teacher_image_size) not in (1, n):
+            raise KdcliError(f"--teacher-image-size given {len(self.teacher_image_size)} times for {n} --teacher: "
+                             "give one for all, or one per teacher")
+        if n and self.feature_teacher >= n:
+            raise KdcliError(f"--feature-teacher {self.feature_teacher} is out of range: {n} teacher(s), "
+                             f"numbered 0..{n - 1}")
+
+    def teacher_at(self, k: int) -> tuple[str, str | None, int | None]:
+        """(name or path, weights, input size) of teacher ``k``."""
+        weights = self.teacher_weights[k] if self.teacher_weights else None
+        sizes = self.teacher_image_size
+        return self.teacher[k], weights, (sizes[k if len(sizes) > 1 else 0] if sizes else None)
 
 
 def make_config(**values) -> RunConfig:

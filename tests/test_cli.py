@@ -55,7 +55,7 @@ def test_end_to_end_train_distill_evaluate(runs, capsys):
     assert kd.schema_version == 1 and kd.command == "distill"
     assert kd.teacher.source == "checkpoint" and kd.teacher.name == "cifar_resnet14"
     assert kd.teacher.sha256 == teacher.student.sha256  # the very file the teacher run wrote
-    assert kd.method.args == {"T": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    assert kd.method.args == {"T": 4.0, "ce_weight": 0.1, "kd_weight": 0.9, "standardize": False, "ensemble": "mean"}
     assert [h.epoch for h in kd.history] == [1, 2]
     assert set(kd.history[0].terms) == {"ce", "kd"}
     assert kd.history[0].loss == pytest.approx(sum(kd.history[0].terms.values()))

@@ -384,9 +384,9 @@ def test_plan_shares_a_teacher_between_pairs_and_orders_teachers_first(tmp_path)
     assert {r.setting for r in runs} == {"clean", "pairflip:0.2", "step:5:0.5", "pairflip:0.2 + step:5:0.5"}
     position = {r.out: i for i, r in enumerate(runs)}
     for r in runs:
-        if r.needs is not None:
-            assert position[r.needs.out] < position[r.out] and r.cfg.teacher == str(r.needs.out / "model.safetensors")
-            assert (r.needs.dataset, r.needs.setting, r.needs.seed) == (r.dataset, r.setting, r.seed)
+        for need in r.needs:
+            assert position[need.out] < position[r.out] and r.cfg.teacher == [str(need.out / "model.safetensors")]
+            assert (need.dataset, need.setting, need.seed) == (r.dataset, r.setting, r.seed)
     assert len({r.out for r in runs}) == len(runs)
 
 

@@ -33,15 +33,18 @@ def data_info(data: DataBundle, corruption: dict | None = None, skipped: dict | 
                         skipped={k: v for k, v in (skipped or {}).items() if v is not None} or None)
 
 
-def evaluate_checkpoint(checkpoint: str, dataset: str, *, split: str | None = None, teacher: str | None = None,
-                        teacher_weights: str | None = None, batch_size: int = 128, image_column: str | None = None,
+def evaluate_checkpoint(checkpoint: str, dataset: str, *, split: str | None = None,
+                        teacher: str | list[str] | None = None,
+                        teacher_weights: str | list[str | None] | None = None, batch_size: int = 128,
+                        image_column: str | None = None,
                         label_column: str | None = None, precision: str = "fp32",
                         workers: int | None = None, noise: str | None = None, imbalance: str | None = None,
                         corruption_seed: int = 0, class_order: str | None = None,
                         max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
                         ignore_class_names: bool = False) -> rep.EvalReport:
-    """Metrics of a kdcli checkpoint on a dataset split, optionally against a teacher. The split is used as
-    it is, unless ``noise``/``imbalance`` ask for it to be corrupted (then the report says how)."""
+    """Metrics of a kdcli checkpoint on a dataset split, optionally against a teacher (or an ensemble: several,
+    compared through their mean probability). The split is used as it is, unless ``noise``/``imbalance`` ask for
+    it to be corrupted (then the report says how)."""
     path = Path(checkpoint).expanduser()
     if path.is_dir() and (path / MODEL_FILE).is_file():  # a run folder stands for its checkpoint
         path = path / MODEL_FILE
@@ -55,21 +58,30 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, *, split: str | None = No
                   if noise or imbalance else None)
     facts = data_facts(data)
     loaded = models.load(str(path), facts, ignore_class_names=ignore_class_names)
-    t_loaded = (models.load(teacher, replace(facts, image_size=meta.input_size), weights=teacher_weights,
-                            ignore_class_names=ignore_class_names, option="--teacher") if teacher else None)
+    names = [teacher] if isinstance(teacher, str) else list(teacher or [])
+    weights = [teacher_weights] if isinstance(teacher_weights, str) else list(teacher_weights or [None] * len(names))
+    if len(weights) != len(names):
+        raise KdcliError(f"--teacher-weights given {len(weights)} times for {len(names)} --teacher: give one per "
+                         "teacher, in the same order")
+    t_all = [models.load(name, replace(facts, image_size=meta.input_size), weights=w,
+                         ignore_class_names=ignore_class_names, option="--teacher") for name, w in zip(names, weights,
+                                                                                                     strict=True)]
+    t_loaded = t_all[0] if t_all else None
+    t_model = models.Ensemble([t.model for t in t_all]) if len(t_all) > 1 else (t_loaded.model if t_all else None)
     cfg = RunConfig(command="train", student=str(path), dataset=dataset, out=".", batch_size=batch_size,
                     precision=precision, workers=workers, max_bad_fraction=max_bad_fraction)
     accelerator = make_accelerator(precision, 0)
     model = loaded.model.to(accelerator.device).eval()
-    if t_loaded is not None:
-        t_loaded.model.to(accelerator.device).eval()
+    if t_model is not None:
+        t_model.to(accelerator.device).eval()
     loader = accelerator.prepare(make_loader(data, data.eval_dataset(), batch_size,
                                              workers if workers is not None else default_workers(data)))
-    sess = Session(cfg, accelerator, data, model, t_loaded.model if t_loaded else None, methods.build("ce"),
+    sess = Session(cfg, accelerator, data, model, t_model, methods.build("ce"),
                    None, None, loader, loaded, t_loaded, frozenset({"logits"}))
     metrics = sess.evaluate()
     return rep.EvalReport(created=rep.now(), checkpoint=model_info(loaded),
                           teacher=model_info(t_loaded) if t_loaded else None,
+                          teachers=[model_info(t) for t in t_all] or None,
                           data=data_info(data, corruption, {"eval": sess.eval_skipped}),
                           environment=rep.environment(str(accelerator.device), accelerator.num_processes, precision),
                           metrics=rep.MetricsBlock(final=metrics))

@@ -288,7 +288,7 @@ def finish(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | None
     student = sess.unwrapped_student()
     meta = student.meta.model_copy(update={"trained": {
         "command": cfg.command, "method": cfg.method, "method_args": cfg.method_args,
-        "teacher": cfg.teacher, "dataset": cfg.dataset, "epochs": cfg.epochs, "seed": cfg.seed,
+        "teacher": cfg.model_dump()["teacher"], "dataset": cfg.dataset, "epochs": cfg.epochs, "seed": cfg.seed,
         "kdcli_version": __version__}})
     path = out / MODEL_FILE
     try:  # a failed write (a full disk) leaves the last resume state as it was, and no report
@@ -326,6 +326,7 @@ def _report(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | Non
         environment=rep.environment(str(sess.device), sess.accelerator.num_processes, cfg.precision),
         data=data_info(sess.data, sess.corruption, {**(skipped or {}), "eval": sess.eval_skipped}),
         teacher=model_info(sess.teacher_info) if sess.teacher_info else None,
+        teachers=[model_info(t) for t in sess.teacher_infos] or None,
         student=rep.ModelInfo(**{**model_info(sess.student_info).model_dump(), "source": sess.student_info.source,
                                  "path": str(out / MODEL_FILE), "sha256": ckpt.sha256(out / MODEL_FILE)}),
         method=rep.MethodInfo(name=mspec.name, family=mspec.family, args=mspec.resolved_args(),

@@ -29,6 +29,7 @@ class Evaluator:
         self.nll = MeanMetric()
         self.agree = MeanMetric() if with_teacher else None
         self.kl = MeanMetric() if with_teacher else None
+        self.teacher_top1 = MeanMetric() if with_teacher else None
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor, teacher_logits: torch.Tensor | None = None):
@@ -41,6 +42,7 @@ class Evaluator:
             t = teacher_logits.float().cpu()
             self.agree.update((logits.argmax(1) == t.argmax(1)).float().mean(), weight=n)
             self.kl.update(kl_div(logits, t), weight=n)
+            self.teacher_top1.update((t.argmax(1) == target).float().mean(), weight=n)
 
     def compute(self) -> Metrics:
         r = self.cls.compute()
@@ -55,4 +57,5 @@ class Evaluator:
             per_class_top1=per_class,
             teacher_agreement=float(self.agree.compute()) if self.agree is not None else None,
             teacher_kl=float(self.kl.compute()) if self.kl is not None else None,
+            teacher_top1=float(self.teacher_top1.compute()) if self.teacher_top1 is not None else None,
         )

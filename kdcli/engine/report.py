@@ -23,6 +23,8 @@ class Metrics(BaseModel):
     per_class_top1: dict[str, float | None] = Field(description="class name → top-1; null if absent")
     teacher_agreement: float | None = Field(None, description="fraction with the teacher's argmax")
     teacher_kl: float | None = Field(None, description="KL(teacher ‖ model) at T=1, batch mean")
+    teacher_top1: float | None = Field(None, description="the teacher's own top-1 (an ensemble's: of its mean "
+                                                         "probability) on the same examples")
 
 
 class Best(BaseModel):
@@ -120,7 +122,9 @@ class Report(BaseModel):
     config: dict[str, Any]
     environment: Environment
     data: DataInfo
-    teacher: ModelInfo | None
+    teacher: ModelInfo | None = Field(description="the teacher; of an ensemble, the feature teacher")
+    teachers: list[ModelInfo] | None = Field(None, description="every teacher, in --teacher order (an ensemble "
+                                                               "when more than one)")
     student: ModelInfo
     method: MethodInfo
     peer: PeerInfo | None = None
@@ -138,6 +142,7 @@ class EvalReport(BaseModel):
     created: str
     checkpoint: ModelInfo
     teacher: ModelInfo | None
+    teachers: list[ModelInfo] | None = None
     data: DataInfo
     environment: Environment
     metrics: MetricsBlock

@@ -85,13 +85,13 @@ class Session:
     accelerator: Accelerator
     data: DataBundle
     student: torch.nn.Module  # Classifier, possibly wrapped for distribution
-    teacher: models.Classifier | None
+    teacher: models.Classifier | models.Ensemble | None
     method: torch.nn.Module
     optimizer: torch.optim.Optimizer
     train_loader: DataLoader
     eval_loader: DataLoader
     student_info: models.Loaded
-    teacher_info: models.Loaded | None
+    teacher_info: models.Loaded | None  # the teacher, or the feature teacher of an ensemble
     needs: frozenset[str]
     online: bool = False  # the teacher trains too (DML): it is a peer, not a fixed teacher
     uses_teacher: bool = True  # the method reads the teacher's outputs (ce does not)
@@ -100,6 +100,7 @@ class Session:
     teacher_eval_logits: list[torch.Tensor] = field(default_factory=list)
     eval_skipped: dict | None = None  # unreadable evaluation examples of the last evaluation
     warnings: list[str] = field(default_factory=list)  # printed at the start of the run
+    teacher_infos: list[models.Loaded] = field(default_factory=list)  # every teacher, in --teacher order
 
     @property
     def device(self) -> torch.device:
@@ -246,20 +247,29 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     s_meta = student_info.model.meta
     data.set_input(s_meta.input_size, s_meta.interpolation, s_meta.crop_pct)
     warnings = list(data.warnings) + list(student_info.warnings)
-    teacher_info = None
-    if cfg.teacher:
-        # the teacher gets the student's batch, resized on the device to its own input size
-        teacher_info = models.load(cfg.teacher, replace(facts, image_size=s_meta.input_size),
-                                   weights=cfg.teacher_weights, pretrained=cfg.teacher_pretrained,
-                                   image_size=cfg.teacher_image_size, ignore_class_names=cfg.ignore_class_names,
-                                   option="--teacher")
-        if teacher_info.trained or not mspec.online:  # a peer that trains may well start from random weights
-            warnings += teacher_info.warnings
     needs, online = mspec.needs, mspec.online
+    teacher_infos: list[models.Loaded] = []
+    for k in range(len(cfg.teacher or [])):
+        name, weights, size = cfg.teacher_at(k)
+        # a teacher gets the student's batch, resized on the device to its own input size
+        loaded = models.load(name, replace(facts, image_size=s_meta.input_size), weights=weights,
+                             pretrained=cfg.teacher_pretrained, image_size=size,
+                             ignore_class_names=cfg.ignore_class_names, option="--teacher")
+        teacher_infos.append(loaded)
+        if loaded.trained or not online:  # a peer that trains may well start from random weights
+            warnings += loaded.warnings
+    if len(teacher_infos) > 1 and (mspec.teachers == "no" or online):
+        raise KdcliError(f"--method {cfg.method} runs or trains one teacher itself; it cannot take "
+                         f"{len(teacher_infos)} --teacher (use a logit method such as kd for an ensemble)")
+    teacher_info = teacher_infos[cfg.feature_teacher] if teacher_infos else None
     student = student_info.model
-    teacher = teacher_info.model if teacher_info else None
+    teacher = None
+    if len(teacher_infos) > 1:
+        teacher = models.Ensemble([t.model for t in teacher_infos], cfg.feature_teacher)
+    elif teacher_info is not None:
+        teacher = teacher_info.model
     if teacher is not None and needs & {"features", "preact"}:
-        models.match_stages(student, teacher, cfg.student_stages, cfg.teacher_stages)
+        models.match_stages(student, teacher_info.model, cfg.student_stages, cfg.teacher_stages)
     s_shapes = student.shapes(needs)
     t_shapes = teacher.shapes(needs) if teacher is not None else None
     try:
@@ -304,7 +314,7 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
         accelerator.unwrap_model(method).attach_data(torch.from_numpy(data.train_labels()))
     return Session(cfg, accelerator, data, student, teacher, method, optimizer, train_loader, eval_loader,
                    student_info, teacher_info, needs, online=online, uses_teacher=mspec.uses_teacher,
-                   corruption=corruption, warnings=warnings,
+                   corruption=corruption, warnings=warnings, teacher_infos=teacher_infos,
                    warmup_epochs=accelerator.unwrap_model(method).warmup_epochs(cfg.epochs))
 
 

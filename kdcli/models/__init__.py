@@ -2,5 +2,6 @@
 
 from kdcli.models.checkpoint import ModelMeta
 from kdcli.models.classifier import Classifier, DataFacts, Loaded, default_stages, load, match_stages
+from kdcli.models.ensemble import Ensemble
 
-__all__ = ["Classifier", "DataFacts", "Loaded", "ModelMeta", "default_stages", "load", "match_stages"]
+__all__ = ["Classifier", "DataFacts", "Ensemble", "Loaded", "ModelMeta", "default_stages", "load", "match_stages"]

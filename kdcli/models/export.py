@@ -131,7 +131,9 @@ def _summary(arch: str, report: Report | None, markdown: bool = False) -> str:
     if report.peer is not None:
         how = f"trained alongside {q(report.peer.model.name)} with {q(report.method.name)}"
     elif report.command == "distill" and report.teacher is not None:
-        how = f"distilled from {q(report.teacher.name)} with {q(report.method.name)}"
+        teachers = report.teachers or [report.teacher]
+        names = " + ".join(q(t.name) for t in teachers)
+        how = f"distilled from {'an ensemble of ' if len(teachers) > 1 else ''}{names} with {q(report.method.name)}"
     else:
         how = f"trained with {q(report.method.name)}"
     return f"{q(arch)} {how} on {q(report.data.dataset)} by kdcli"
@@ -163,8 +165,10 @@ def _training(report: Report) -> list[str]:
                      f"{report.peer.model.params:,} parameters), online distillation: the two networks teach "
                      "each other")
     elif report.teacher is not None:
-        lines.append(f"- Teacher: {_code(report.teacher.name)} ({report.teacher.source}, "
-                     f"{report.teacher.params:,} parameters)")
+        teachers = report.teachers or [report.teacher]
+        label = "Teacher" if len(teachers) == 1 else f"Teachers (an ensemble of {len(teachers)})"
+        lines.append(f"- {label}: " + "; ".join(f"{_code(t.name)} ({t.source}, {t.params:,} parameters)"
+                                                for t in teachers))
     else:
         lines.append("- Teacher: none (trained on the labels alone)")
     start = _STARTS.get(report.student.source, report.student.source)

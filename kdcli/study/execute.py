@@ -145,13 +145,13 @@ def execute(todo: list[Run], finished: set[Path], *, jobs: int, console: Console
                 for run in list(pending):
                     if len(running) >= jobs:
                         break
-                    if run.needs is not None and run.needs.out in failed:
+                    if any(n.out in failed for n in run.needs):
                         pending.remove(run)
                         summary.skipped.append(run)
                         bar.advance(total)
                         console.print(f"skipped {run.name}: its teacher failed", highlight=False, soft_wrap=True)
                         continue
-                    if run.needs is not None and run.needs.out not in done:
+                    if not all(n.out in done for n in run.needs):
                         continue
                     pending.remove(run)
                     resume = run.state() == "interrupted"
@@ -162,7 +162,7 @@ def execute(todo: list[Run], finished: set[Path], *, jobs: int, console: Console
                     running[pool.submit(run_one, run.cfg.model_dump_json(), resume)] = (run, task)
                 if not running:
                     if pending:  # cannot happen with plan order (teachers first); never spin
-                        raise RuntimeError(f"no run can start: {pending[0].name} waits for {pending[0].needs.name}")
+                        raise RuntimeError(f"no run can start: {pending[0].name} waits for {pending[0].needs[0].name}")
                     continue
                 finished_now, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in finished_now:

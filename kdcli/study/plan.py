@@ -33,8 +33,8 @@ class Run:
     role: str  # "teacher" | "student"
     method: str  # "ce" for teachers and the baseline
     arch: str  # the architecture this run trains
-    teacher_arch: str | None  # the teacher a student distills from (None: trained without a teacher)
-    needs: Run | None = None  # the teacher run a distilled student waits for
+    teacher_arch: str | None  # the teacher a student distills from, "a+b" for an ensemble (None: no teacher)
+    needs: tuple[Run, ...] = ()  # the teacher runs a distilled student waits for
 
     @property
     def out(self) -> Path:
@@ -66,7 +66,7 @@ def ready(runs: list[Run]) -> tuple[list[Run], list[Run]]:
     """The unfinished runs that can start now, and those that wait for an unfinished teacher."""
     done = {r.out for r in runs if r.state() == "done"}
     todo = [r for r in runs if r.out not in done]
-    can = [r for r in todo if r.needs is None or r.needs.out in done]
+    can = [r for r in todo if all(n.out in done for n in r.needs)]
     return can, [r for r in todo if r not in can]
 
 
@@ -100,12 +100,14 @@ def plan(spec: StudySpec, out: Path) -> list[Run]:
                             **spec.options)
                 cell = dict(dataset=dataset, setting=setting, seed=seed)
                 for pair in spec.pairs:
-                    t_name, s_name = arch_name(pair.teacher), arch_name(pair.student)
-                    t_out = folder / f"teacher-{slug(t_name)}"
-                    teacher = runs.get(t_out) or Run(
-                        _config(base | spec.teacher_options, command="train", student=pair.teacher, out=t_out),
-                        role="teacher", method="ce", arch=t_name, teacher_arch=None, **cell)
-                    runs[t_out] = teacher
+                    teachers = []
+                    for arch in pair.teachers:  # each teacher once per cell, whichever pairs share it
+                        t_out = folder / f"teacher-{slug(arch_name(arch))}"
+                        runs[t_out] = runs.get(t_out) or Run(
+                            _config(base | spec.teacher_options, command="train", student=arch, out=t_out),
+                            role="teacher", method="ce", arch=arch_name(arch), teacher_arch=None, **cell)
+                        teachers.append(runs[t_out])
+                    t_name, s_name = "+".join(arch_name(a) for a in pair.teachers), arch_name(pair.student)
                     ce_out = folder / f"ce-{slug(s_name)}"
                     if ce_out not in runs:
                         runs[ce_out] = Run(_config(base, command="train", student=pair.student, out=ce_out),
@@ -114,13 +116,14 @@ def plan(spec: StudySpec, out: Path) -> list[Run]:
                         m_out = folder / f"{slug(method)}-{slug(t_name)}-{slug(s_name)}"
                         if m_out in runs:
                             continue
-                        cfg = _config(base, command="distill", teacher=str(t_out / MODEL_FILE), student=pair.student,
+                        cfg = _config(base, command="distill", teacher=[str(t.out / MODEL_FILE) for t in teachers],
+                                      student=pair.student,
                                       method=method, out=m_out,
                                       method_args={k: str(v) for k, v in spec.method_args.get(method, {}).items()})
                         runs[m_out] = Run(cfg, role="student", method=method, arch=s_name, teacher_arch=t_name,
-                                          needs=teacher, **cell)
+                                          needs=tuple(teachers), **cell)
                         students.append(runs[m_out])
-    ordered = [r for r in runs.values() if r.needs is None]
+    ordered = [r for r in runs.values() if not r.needs]
     return ordered + students
 
 
@@ -141,8 +144,8 @@ def command_line(cfg: RunConfig) -> list[str]:
         argv += ["--model", cfg.student] + (["--model-weights", cfg.student_weights] if cfg.student_weights else [])
     else:
         for key in ("teacher", "teacher_weights", "student", "student_weights", "method"):
-            if values[key] is not None:
-                argv += [_flag(key), str(values[key])]
+            for value in _many(values[key]):
+                argv += [_flag(key), "-" if value is None else str(value)]
         for key, value in cfg.method_args.items():
             argv += ["--method-arg", f"{key}={value}"]
         for key in ("student_stages", "teacher_stages"):
@@ -156,8 +159,14 @@ def command_line(cfg: RunConfig) -> list[str]:
         if isinstance(value, bool):
             argv.append(_flag(key) if value else f"--no-{key.replace('_', '-')}")
         else:
-            argv += [_flag(key), str(value)]
+            for v in _many(value):
+                argv += [_flag(key), str(v)]
     return argv
+
+
+def _many(value) -> list:
+    """An option's values: none, one, or each of a list (a repeatable option such as --teacher)."""
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
 def _flag(key: str) -> str:
@@ -182,8 +191,7 @@ def check(spec: StudySpec, runs: list[Run]) -> None:
     for run in runs:
         _in_spec(lambda r=run: methods.spec(r.method, r.cfg.method_args), "methods")
     for i, pair in enumerate(spec.pairs):
-        for role in ("teacher", "student"):
-            arch = getattr(pair, role)
+        for role, arch in [*(("teacher", a) for a in pair.teachers), ("student", pair.student)]:
             if not (timm.is_model(arch) or arch.startswith("hf-hub:") or Path(arch).is_file()):
                 raise KdcliError(f"study spec: pairs[{i}].{role}: unknown model {arch!r} (not a timm or cifar_* "
                                  "name, nor a checkpoint file; `timm.list_models()` lists the names)")

@@ -140,15 +140,16 @@ def pair_tables(results: dict, spec) -> list[dict]:
     tables = []
     for dataset in spec.dataset:
         for pair in spec.pairs:
-            t, s = arch_name(pair.teacher), arch_name(pair.student)
+            members = [arch_name(a) for a in pair.teachers]
+            t, s = "+".join(members), arch_name(pair.student)
 
             def find(role, method, teacher_arch, arch, setting, dataset=dataset):
                 return next((g for g in results["groups"] if g["dataset"] == dataset and g["setting"] == setting
                              and g["role"] == role and g["method"] == method and g["teacher_arch"] == teacher_arch
                              and g["arch"] == arch), None)
 
-            rows = [(f"teacher ({t})", [find("teacher", "ce", None, t, st) for st in settings]),
-                    (f"ce ({s})", [find("student", "ce", None, s, st) for st in settings])]
+            rows = [(f"teacher ({m})", [find("teacher", "ce", None, m, st) for st in settings]) for m in members]
+            rows += [(f"ce ({s})", [find("student", "ce", None, s, st) for st in settings])]
             rows += [(m, [find("student", m, t, s, st) for st in settings]) for m in spec.methods]
             tables.append({"dataset": dataset, "teacher": t, "student": s, "settings": settings, "rows": rows})
     return tables

@@ -24,8 +24,21 @@ GRID_FIELDS = frozenset({"command", "student", "student_weights", "teacher", "te
 class Pair(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    teacher: str = Field(description="teacher architecture: trained once per (corruption, seed) by the study")
+    teacher: str | list[str] = Field(
+        description="teacher architecture, trained once per (corruption, seed) by the study; a list: an ensemble "
+                    "of teachers, each trained once, that the pair's students distill from together")
     student: str = Field(description="student architecture")
+
+    @field_validator("teacher")
+    @classmethod
+    def _some(cls, v):
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError("a list of teachers needs at least one architecture, each named once")
+        return v
+
+    @property
+    def teachers(self) -> list[str]:
+        return [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
 
 
 class StudySpec(BaseModel):
