@@ -8,6 +8,7 @@ noise hits both alike; the ratio of the medians is printed. Target: ≤ 1.10.
 
     python benchmarks/step_overhead.py [--rounds 15] [--steps 5] [--teacher cifar_resnet56] ...
     python benchmarks/step_overhead.py --all     # one row per registered method (main-stage step)
+    python benchmarks/step_overhead.py --teachers 3   # kd from an ensemble of 1..3 teachers: cost per teacher
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from kdcli.config import RunConfig
 from kdcli.engine import loop
 
 
-def plain_step_fn(teacher, student, opt):
+def plain_step_fn(teachers, student, opt):
     def step(x, y):
         with torch.no_grad():
-            teacher(x)
+            for teacher in teachers:
+                teacher(x)
         loss = F.cross_entropy(student(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -44,32 +46,39 @@ def timed(fn, x, y, steps: int) -> float:
 
 
 def measure(teacher: str, student: str, method: str, batch: int, dataset: str,
-            rounds: int, steps: int, method_args: dict[str, str] | None = None) -> tuple[float, float]:
+            rounds: int, steps: int, method_args: dict[str, str] | None = None,
+            teachers: int = 1) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as out:
-        cfg = RunConfig(command="distill", teacher=teacher, student=student, method=method,
+        cfg = RunConfig(command="distill", teacher=[teacher] * teachers, student=student, method=method,
                         method_args=method_args or {}, dataset=dataset, batch_size=batch, out=out)
         sess = loop.build(cfg)
     classes, chans = sess.data.num_classes, sess.data.in_chans
-    # the plain networks: same architectures; the plain teacher takes the kdcli teacher's weights
+    # the plain networks: same architectures; each plain teacher takes the kdcli teacher's weights
     # (a trained checkpoint matters for BSS, which only attacks samples the teacher gets right)
-    t_net = timm.create_model(sess.teacher.meta.architecture, num_classes=classes, in_chans=sess.teacher.meta.in_chans)
-    t_net.load_state_dict(sess.teacher.net.state_dict())
-    t_net.eval()
+    t_nets = []
+    for loaded in sess.teacher_infos:
+        t_net = timm.create_model(loaded.model.meta.architecture, num_classes=classes,
+                                  in_chans=loaded.model.meta.in_chans)
+        t_net.load_state_dict(loaded.model.net.state_dict())
+        t_nets.append(t_net.eval())
     s_net = timm.create_model(sess.student.meta.architecture, num_classes=classes, in_chans=chans).train()
     opt = torch.optim.SGD(s_net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    plain = plain_step_fn(t_net, s_net, opt)
+    plain = plain_step_fn(t_nets, s_net, opt)
     sess.student.train()
     real = next(iter(sess.train_loader))  # a real batch: a trained teacher should see data it knows
-    x, y = real["image"][:batch], real["label"][:batch]
+    x, y, index = real["image"][:batch], real["label"][:batch], real["index"][:batch]
     # the plain step gets the batch already normalised, as a data pipeline would hand it over;
     # kdcli normalises inside each model (teacher and student may expect different statistics)
     mean, std = sess.student.mean, sess.student.std
     x_plain = (x - mean) / std
-    for fn, inp in ((plain, x_plain), (sess.train_step, x)):  # warm-up
+    def kdcli_step(x, y):
+        return sess.train_step(x, y, index)  # CRD reads each example's row index
+
+    for fn, inp in ((plain, x_plain), (kdcli_step, x)):  # warm-up
         timed(fn, inp, y, 2)
     kd_times, plain_times = [], []
     for r in range(rounds):  # alternate which goes first, so neither always runs on a warmer cache
-        pair = [(plain, x_plain, plain_times), (sess.train_step, x, kd_times)]
+        pair = [(plain, x_plain, plain_times), (kdcli_step, x, kd_times)]
         for fn, inp, times in (pair if r % 2 == 0 else pair[::-1]):
             times.append(timed(fn, inp, y, steps))
     return statistics.median(kd_times), statistics.median(plain_times)
@@ -86,8 +95,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--all", action="store_true", help="every registered method, as a table")
+    p.add_argument("--teachers", type=int, default=0, help="kd from ensembles of 1..N copies of the teacher")
     a = p.parse_args()
     torch.manual_seed(0)
+    if a.teachers:
+        print(f"{a.teacher} x K -> {a.student}, kd, batch {a.batch}, {a.dataset}, {torch.get_num_threads()} threads")
+        print("| teachers | kdcli step (ms) | plain CE + K teacher fwd (ms) | ratio | added per teacher (ms) |")
+        print("|---|---|---|---|---|")
+        first = None
+        for k in range(1, a.teachers + 1):
+            kd, plain = measure(a.teacher, a.student, a.method, a.batch, a.dataset, a.rounds, a.steps, teachers=k)
+            first = first or kd
+            per = f"{1000 * (kd - first) / (k - 1):.0f}" if k > 1 else "-"
+            print(f"| {k} | {1000 * kd:.0f} | {1000 * plain:.0f} | {kd / plain:.2f} | {per} |", flush=True)
+        return
     if a.all:
         from kdcli import methods
 

@@ -321,18 +321,24 @@ def corrupt_dataset(
 
 @app.command("methods")
 def list_methods() -> None:
-    """List the registered methods: name, family, what it mimics, default arguments."""
+    """List the registered methods: name, family, what it mimics, its source, what it needs, its defaults."""
     from kdcli import methods
 
-    table = Table(title="kdcli methods (compose with +, e.g. kd+at; set arguments with --method-arg KEY=VALUE)")
-    for col in ("name", "family", "mimics", "needs", "stages", "defaults"):
-        table.add_column(col)
+    console.print("kdcli methods (compose with +, e.g. kd+at; set arguments with --method-arg KEY=VALUE; "
+                  "several --teacher: 'ensemble' methods distill from their mixture, 'one' from --feature-teacher)")
     for name in methods.available():
         cls = methods.get(name)
-        defaults = " ".join(f"{k}={v}" for k, v in cls.defaults().items())
+        defaults = " ".join(f"{k}={v}" for k, v in cls.defaults().items()) or "none"
         stages = cls.stages_note or ("online: the teacher trains too" if cls.online else "")
-        table.add_row(name, cls.family, cls.mimics, ",".join(sorted(cls.needs)), stages, defaults)
-    console.print(table)
+        source = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
+        teachers = {"combined": "ensemble", "one": "one", "no": "one only"}[cls.teachers] if cls.uses_teacher else "-"
+        console.print(f"\n[bold]{name}[/bold]  {cls.family}  needs {','.join(sorted(cls.needs))}  "
+                      f"teachers: {teachers}", highlight=False)
+        console.print(f"  mimics: {cls.mimics}", highlight=False)
+        console.print(f"  source: {source}", highlight=False)
+        if stages:
+            console.print(f"  stages: {stages}", highlight=False)
+        console.print(f"  defaults: {defaults}", highlight=False)
 
 
 @app.command()

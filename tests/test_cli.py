@@ -184,7 +184,13 @@ def test_methods_lists_the_registry(capsys):
     kdcli("methods")
     out = capsys.readouterr().out
     from kdcli import methods
-    assert all(name in out for name in methods.available()) and "T=4.0" in out and len(methods.available()) == 11
+    study = {"kd", "fitnet", "at", "fsp", "ft", "ab", "bss", "rkd", "sp", "dml"}
+    modern = {"dkd", "dist", "lskd", "nkd", "pkt", "nst", "cc", "vid", "crd", "reviewkd"}
+    assert set(methods.available()) == study | modern | {"ce"}
+    for name in methods.available():  # each with its family, its source and its defaults, on lines of its own
+        block = out.split(f"\n{name}  ", 1)[1].split("\n\n")[0]
+        assert methods.get(name).family in block and "source: " in block and "defaults: " in block
+    assert "T=4.0 ce_weight=0.1 kd_weight=0.9" in out and "Decoupled" in out
 
 
 # a finished run folder: the checkpoint, the report, and timm's config.json and model card

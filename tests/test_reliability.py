@@ -43,8 +43,8 @@ def _signal_after(monkeypatch, steps: int, signum: int = signal.SIGTERM) -> None
     real = session.Session.train_step
     count = {"n": 0}
 
-    def step(self, images, labels):
-        terms = real(self, images, labels)
+    def step(self, images, labels, index=None):
+        terms = real(self, images, labels, index)
         count["n"] += 1
         if count["n"] == steps:
             os.kill(os.getpid(), signum)

@@ -1,4 +1,4 @@
-"""Methods that mimic the teacher's intermediate feature maps: FitNets, AT, FSP and Factor Transfer.
+"""Methods that mimic the teacher's intermediate feature maps: FitNets, AT, FSP, Factor Transfer, NST and VID.
 
 Every method here returns the hard-label cross-entropy as ``ce`` (weight ``ce_weight``, default 1, as
 in RepDistiller's recipe, where feature methods train with CE weight 1 and no KD term unless composed
@@ -8,6 +8,8 @@ epochs (default 0.125: RepDistiller's 30 init epochs of 240); ``warmup=0`` disab
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from pydantic import Field, field_validator
@@ -328,3 +330,146 @@ class FT(Method):
         f_t = t.features[-1]
         _, rec = self.paraphraser(f_t)
         return {"ft_paraphraser": F.mse_loss(rec.float(), f_t.float())}
+
+
+# --------------------------------------------------------------------------------------------- NST
+
+
+def _poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
+    """Mean over (batch, channel of a, channel of b) of the polynomial kernel (a_i · b_j)²; a, b: (B, C, N)."""
+    return (a @ b.transpose(1, 2)).pow(2).mean()
+
+
+def nst_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
+    """NST's squared MMD (unweighted) between the channels of two NCHW maps, each channel's spatial vector
+    L2-normalised, with the kernel k(a, b) = (a·b)²: mean k(t, t) + mean k(s, s) − 2 mean k(s, t).
+
+    The larger map is average-pooled to the smaller grid first; channel counts may differ. Float32 even
+    under autocast.
+    """
+    size = smaller(f_s.shape, f_t.shape)
+    with torch.autocast(f_s.device.type, enabled=False):
+        s = F.normalize(match_spatial(f_s.float(), size).flatten(2), dim=2)
+        with torch.no_grad():
+            t = F.normalize(match_spatial(f_t.detach().float(), size).flatten(2), dim=2)
+            k_tt = _poly_kernel_mean(t, t)
+        return k_tt + _poly_kernel_mean(s, s) - 2.0 * _poly_kernel_mean(s, t)
+
+
+@register
+class NST(Method):
+    """Neuron Selectivity Transfer (Huang & Wang, 2017, "Like What You Like: Knowledge Distill via Neuron
+    Selectivity Transfer", arXiv:1707.01219).
+
+    Each channel of a stage map is a sample of "neuron selectivity" over the spatial positions. Per matched
+    stage, the larger map is average-pooled to the smaller grid, both are flattened to C × HW, each
+    channel's HW-vector is L2-normalised, and the squared maximum mean discrepancy between the student's and
+    the teacher's channel sets with the polynomial kernel k(a, b) = (a·b)² (the paper's best kernel, d = 2,
+    c = 0) is ``mean k(t, t) + mean k(s, s) − 2 mean k(s, t)`` (means over the batch and all channel pairs;
+    the teacher's term carries no gradient). ``nst`` = β · Σ_stages MMD². Channel counts may differ, so no
+    connector.
+
+    Defaults and form: RepDistiller (Tian et al. 2020) ``distiller_zoo/NST.py`` (full MMD, summed over its
+    three CIFAR stages ``feat[1:-1]``), β = 50 with cross-entropy weight 1 and no KD term (RepDistiller's
+    ``-a 0 -b 50``; mdistiller ``NST.LOSS.FEAT_WEIGHT`` 50, CE 1). Memory is O(B·C²) per stage.
+    """
+
+    name = "nst"
+    family = "features"
+    mimics = "the distribution of the teacher's neuron selectivity patterns (MMD over channels)"
+    needs = frozenset({"logits", "features"})
+    stages_note = "single stage: CE + β·Σ polynomial-kernel MMD² over the matched stages"
+
+    class Args(MethodArgs):
+        beta: float = Field(50.0, ge=0.0, description="weight of the MMD term")
+        ce_weight: float = Field(1.0, ge=0.0, description="weight of the hard-label cross-entropy")
+
+    def __init__(self, args=None, student: Shapes | None = None, teacher: Shapes | None = None):
+        super().__init__(args, student, teacher)
+        s_shapes, _ = _feature_shapes(self.name, student, teacher)
+        self.n_stages = len(s_shapes)
+
+    def forward(self, s, t, target, *, images=None, index=None):
+        _check_len(self.name, s, t, self.n_stages)
+        total = sum(nst_loss(f_s, f_t) for f_s, f_t in zip(s.features, t.features, strict=True))
+        return {"ce": _ce(s, target, self.args.ce_weight), "nst": self.args.beta * total}
+
+
+# --------------------------------------------------------------------------------------------- VID
+
+
+class VariationalRegressor(nn.Module):
+    """VID's Gaussian q(t | s) for one stage: mean μ = conv1×1 → ReLU → conv1×1 → ReLU → conv1×1 (no bias,
+    student → teacher channels, mid = teacher channels) and one variance per teacher channel,
+    σ² = softplus(α) + ε with α initialised so that σ² starts at ``init_var``."""
+
+    def __init__(self, c_in: int, c_mid: int, c_out: int, init_var: float, eps: float):
+        super().__init__()
+        self.regressor = nn.Sequential(
+            nn.Conv2d(c_in, c_mid, 1, bias=False), nn.ReLU(),
+            nn.Conv2d(c_mid, c_mid, 1, bias=False), nn.ReLU(),
+            nn.Conv2d(c_mid, c_out, 1, bias=False),
+        )
+        self.eps = eps
+        alpha = math.log(math.expm1(init_var - eps))  # softplus⁻¹(init_var − ε)
+        self.alpha = nn.Parameter(torch.full((c_out,), alpha))
+
+    def variance(self) -> Tensor:
+        return F.softplus(self.alpha.float()) + self.eps
+
+    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
+        """Mean over (b, c, h, w) of the Gaussian negative log-likelihood ½[(μ − t)²/σ² + log σ²]."""
+        size = smaller(f_s.shape, f_t.shape)
+        mu = self.regressor(match_spatial(f_s, size)).float()
+        target = match_spatial(f_t.detach().float(), size)
+        var = self.variance().view(1, -1, 1, 1)
+        return (0.5 * ((mu - target).pow(2) / var + var.log())).mean()
+
+
+@register
+class VID(Method):
+    """Variational Information Distillation (Ahn, Hu, Damianou, Lawrence & Dai, CVPR 2019).
+
+    VID maximises a variational lower bound on the mutual information between teacher and student maps: per
+    matched stage, a Gaussian q(t | s) with mean μ = r(f_s) (r: conv1×1 → ReLU → conv1×1 → ReLU → conv1×1,
+    student → teacher channels, mid = teacher channels) and a per-channel variance σ²_c = softplus(α_c) + ε
+    (one variance per channel, shared over positions, as the paper does for intermediate layers), and
+    ``vid`` = β · Σ_stages mean_{b,c,h,w} ½[(μ − f_t)²/σ² + log σ²], i.e. the negative log-likelihood without
+    its constant. The larger map is average-pooled to the smaller grid first. The regressors and α join the
+    optimizer (``VID.parameters()``).
+
+    Because of the log σ² term the loss can be negative (whenever σ² < 1 fits well enough), and it is not
+    comparable across runs or monotone in the fit of μ: it is a likelihood, not a distance.
+
+    Defaults: RepDistiller (Tian et al. 2020) ``distiller_zoo/VID.py`` (the authors' code,
+    github.com/ssahn0215/variational-information-distillation): initial variance 5 (α₀ = log(e^{5−ε} − 1)),
+    ε = 1e-5, summed over its three CIFAR stages ``feat[1:-1]``; β = 1 with cross-entropy weight 1 and no
+    KD term (RepDistiller's ``-a 0 -b 1``; mdistiller ``VID.LOSS.FEAT_WEIGHT`` 1.0, CE 1.0).
+    """
+
+    name = "vid"
+    family = "features"
+    mimics = "the teacher's feature maps as a Gaussian predicted from the student's (mutual information)"
+    needs = frozenset({"logits", "features"})
+    stages_note = "single stage: CE + β·Σ Gaussian NLL of the teacher maps (can be negative)"
+
+    class Args(MethodArgs):
+        beta: float = Field(1.0, ge=0.0, description="weight of the VID (negative log-likelihood) term")
+        init_var: float = Field(5.0, gt=0.0, description="initial variance σ² of every teacher channel")
+        eps: float = Field(1e-5, gt=0.0, description="floor ε added to the softplus variance")
+        ce_weight: float = Field(1.0, ge=0.0, description="weight of the hard-label cross-entropy")
+
+    def __init__(self, args=None, student: Shapes | None = None, teacher: Shapes | None = None):
+        super().__init__(args, student, teacher)
+        s_shapes, t_shapes = _feature_shapes(self.name, student, teacher)
+        if self.args.init_var <= self.args.eps:
+            raise ValueError(f"vid: init_var={self.args.init_var} must exceed eps={self.args.eps}")
+        self.n_stages = len(s_shapes)
+        self.regressors = nn.ModuleList(
+            VariationalRegressor(cs[0], ct[0], ct[0], self.args.init_var, self.args.eps)
+            for cs, ct in zip(s_shapes, t_shapes, strict=True))
+
+    def forward(self, s, t, target, *, images=None, index=None):
+        _check_len(self.name, s, t, self.n_stages)
+        total = sum(r(f_s, f_t) for r, f_s, f_t in zip(self.regressors, s.features, t.features, strict=True))
+        return {"ce": _ce(s, target, self.args.ce_weight), "vid": self.args.beta * total}
