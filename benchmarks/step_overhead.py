@@ -25,6 +25,8 @@ from torch.nn import functional as F
 from kdcli.config import RunConfig
 from kdcli.engine import loop
 
+LR = 1e-6
+
 
 def plain_step_fn(teachers, student, opt):
     def step(x, y):
@@ -49,8 +51,11 @@ def measure(teacher: str, student: str, method: str, batch: int, dataset: str,
             rounds: int, steps: int, method_args: dict[str, str] | None = None,
             teachers: int = 1) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as out:
+        # a tiny step size: timing does not depend on it, and repeated steps on one batch with a fresh teacher
+        # must not diverge (cc's unnormalised embeddings of an untrained resnet56's pooled features, norm ~4000,
+        # blow up within three steps even at 1e-3: the curvature scales with the squared feature norm)
         cfg = RunConfig(command="distill", teacher=[teacher] * teachers, student=student, method=method,
-                        method_args=method_args or {}, dataset=dataset, batch_size=batch, out=out)
+                        method_args=method_args or {}, dataset=dataset, batch_size=batch, out=out, lr=LR)
         sess = loop.build(cfg)
     classes, chans = sess.data.num_classes, sess.data.in_chans
     # the plain networks: same architectures; each plain teacher takes the kdcli teacher's weights
@@ -62,7 +67,7 @@ def measure(teacher: str, student: str, method: str, batch: int, dataset: str,
         t_net.load_state_dict(loaded.model.net.state_dict())
         t_nets.append(t_net.eval())
     s_net = timm.create_model(sess.student.meta.architecture, num_classes=classes, in_chans=chans).train()
-    opt = torch.optim.SGD(s_net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(s_net.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
     plain = plain_step_fn(t_nets, s_net, opt)
     sess.student.train()
     real = next(iter(sess.train_loader))  # a real batch: a trained teacher should see data it knows
