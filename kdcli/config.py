@@ -51,18 +51,47 @@ class RunConfig(BaseModel):
     augment: Literal["auto", "cifar", "imagenet", "randaugment", "none", "crop-flip", "crop"] = "auto"
     workers: int | None = Field(None, ge=0)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # unreadable examples skipped; more of a split: an error
-    # optimisation (SGD with momentum, the field's CIFAR recipe: RepDistiller, Tian et al. 2020)
+    # optimisation: by default plain momentum SGD with weight decay on every parameter and a per-epoch cosine, the
+    # field's CIFAR recipe (RepDistiller, Tian et al. 2020); timm's optimizers and schedulers otherwise
     epochs: int = Field(30, gt=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(0.05, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    schedule: Literal["cosine", "step"] = "cosine"
+    opt: str = "momentum"  # any name timm.optim.create_optimizer_v2 accepts: momentum, sgd (Nesterov), adamw, lamb, …
+    no_decay_norm_bias: bool = False  # timm's filter_bias_and_bn: no weight decay on norm weights and biases
+    schedule: Literal["cosine", "step", "multistep", "poly", "constant"] = "cosine"  # --sched
+    decay_milestones: list[Annotated[int, Field(gt=0)]] | None = None  # multistep: decay after these epochs
+    decay_rate: float = Field(0.1, gt=0, le=1)  # step, multistep: the factor at each milestone
+    warmup_epochs: int = Field(0, ge=0)  # linear lr warm-up (timm's), within --epochs
+    warmup_lr: float = Field(1e-5, ge=0)  # the lr warm-up starts from
+    min_lr: float = Field(0.0, ge=0)
+    sched_on_updates: bool = False  # update the lr every optimizer step (timm's --sched-on-updates), not per epoch
+    clip_grad: float | None = Field(None, gt=0)  # clip the global gradient norm to this
+    grad_accum: int = Field(1, ge=1)  # optimizer step every N batches (Accelerate's accumulation)
+    # regularisation (timm.data.Mixup; the teacher sees the mixed images too) and the student's average
+    mixup: float = Field(0.0, ge=0)  # mixup alpha (0: off)
+    cutmix: float = Field(0.0, ge=0)  # cutmix alpha (0: off)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    ema: float | None = Field(None, gt=0, lt=1)  # decay of an exponential moving average of the student (timm)
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # speed
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the student and the teacher
     # output
     out: str
 
+
+    @property
+    def effective_batch(self) -> int:
+        """Examples per optimizer step on one process (× the number of processes for the whole step)."""
+        return self.batch_size * self.grad_accum
+
+    @property
+    def soft_targets(self) -> bool:
+        """Training targets are class distributions (mixup, cutmix, label smoothing), not class indices."""
+        return bool(self.mixup or self.cutmix or self.label_smoothing)
 
     @field_validator("teacher", "teacher_weights", "teacher_image_size", mode="before")
     @classmethod
@@ -81,6 +110,11 @@ class RunConfig(BaseModel):
         if self.teacher_image_size is not None and len(self.teacher_image_size) not in (1, n):
             raise KdcliError(f"--teacher-image-size given {len(self.teacher_image_size)} times for {n} --teacher: "
                              "give one for all, or one per teacher")
+        if self.schedule == "multistep" and not self.decay_milestones:
+            raise KdcliError("--sched multistep needs --decay-milestones, e.g. 150,180,210 (epochs after which the "
+                             "lr decays)")
+        if self.warmup_epochs >= self.epochs:
+            raise KdcliError(f"--warmup-epochs {self.warmup_epochs} must be below --epochs {self.epochs}")
         if n and self.feature_teacher >= n:
             raise KdcliError(f"--feature-teacher {self.feature_teacher} is out of range: {n} teacher(s), "
                              f"numbered 0..{n - 1}")

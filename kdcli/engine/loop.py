@@ -8,7 +8,6 @@ method it runs. The pieces it drives live beside it: ``session`` (building), ``r
 
 from __future__ import annotations
 
-import math
 import shutil
 import signal
 import time
@@ -23,12 +22,12 @@ from kdcli import __version__, methods
 from kdcli.config import RunConfig
 from kdcli.data import SkipTracker, skipped_line
 from kdcli.data.skips import REPORT_EXAMPLES
+from kdcli.engine import recipe, rundir
 from kdcli.engine import report as rep
 from kdcli.engine import resume as res
-from kdcli.engine import rundir
 from kdcli.engine.evaluate import data_info, evaluate_checkpoint, model_info
 from kdcli.engine.progress import EpochProgress
-from kdcli.engine.rundir import MODEL_FILE, PEER_FILE, REPORT_FILE, RESUME_DIR, resumed_config
+from kdcli.engine.rundir import EMA_FILE, MODEL_FILE, PEER_FILE, REPORT_FILE, RESUME_DIR, resumed_config
 from kdcli.engine.session import (
     RowGatherer,
     Session,
@@ -48,17 +47,6 @@ from kdcli.models.export import write_model_folder
 __all__ = ["Interrupted", "Session", "TrainingDiverged", "build", "evaluate_checkpoint", "open_run_data",
            "resumed_config", "run"]
 
-# The step schedule of the field's CIFAR recipe (RepDistiller: ×0.1 at epochs 150, 180, 210 of 240).
-STEP_MILESTONES = (0.625, 0.75, 0.875)
-
-
-def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
-    """Learning-rate multiplier for a 0-based epoch."""
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-    return 0.1 ** sum(epoch >= round(m * epochs) for m in STEP_MILESTONES)
-
-
 def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, auto_resume: bool = False,
         console: Console | None = None, stop_after_epoch: int | None = None) -> rep.Report | None:
     """Train (or distill) as ``cfg`` says. Returns the report (main process), or None when stopped early on
@@ -73,7 +61,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, auto_r
         raise KdcliError("--overwrite, --resume and --auto-resume exclude each other: pass one")
     rundir.decide(out, cfg, overwrite=overwrite, resume=resume, auto_resume=auto_resume)  # fail before building
     mspec = methods.spec(cfg.method, cfg.method_args)
-    accelerator = make_accelerator(cfg.precision, cfg.seed, bool(mspec.needs & {"features", "preact"}))
+    accelerator = make_accelerator(cfg.precision, cfg.seed, bool(mspec.needs & {"features", "preact"}), cfg.grad_accum)
     main = accelerator.is_main_process
     lock = rundir.RunLock(out, f"kdcli {cfg.command} --out {out}") if main else nullcontext()
     with StopOnSignal() as stop, lock:
@@ -99,12 +87,14 @@ def run(cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, auto_r
 
         if metrics is None:  # resumed after the last epoch had already finished
             metrics = sess.evaluate()
+            pos.ema_metrics = sess.evaluate(ema=True) if sess.ema is not None else None
         peer_metrics = sess.evaluate(peer=True) if sess.online else None  # collective: every process
         if sess.corruption is not None:
             sess.corruption["diagnostics"] = training_diagnostics(sess)
         report = None
         if main:
-            report = finish(sess, out, metrics, pos.best, pos.history, started, peer_metrics, pos.skipped)
+            report = finish(sess, out, metrics, pos.best, pos.history, started, peer_metrics, pos.skipped,
+                            pos.ema_metrics)
         accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:
         # every process leaves the process group together: left to interpreter exit, gloo's threads could
@@ -160,9 +150,14 @@ def _epoch(sess: Session, epoch: int, pos: res.Position, started: float, progres
     set_seed(cfg.seed + epoch)  # sampling, augmentation and dropout depend on (seed, epoch) only: resumable
     warmup = epoch < sess.warmup_epochs
     main_epoch = epoch - sess.warmup_epochs  # 0-based epoch of the main stage (negative in warm-up)
-    lr = cfg.lr if warmup else cfg.lr * lr_factor(cfg.schedule, main_epoch, cfg.epochs)
-    for group in sess.optimizer.param_groups:
-        group["lr"] = lr
+    if warmup:  # the method's warm-up stage runs at the base lr, before the schedule of the main epochs
+        for group in sess.optimizer.param_groups:
+            group["lr"] = cfg.lr
+        lr = cfg.lr
+    else:
+        lr = recipe.set_lr(cfg, sess.scheduler, sess.optimizer, main_epoch, 0, sess.updates_per_epoch)
+    per_update = cfg.sched_on_updates and not warmup
+    accum = cfg.grad_accum
     method = sess.accelerator.unwrap_model(sess.method)
     method.set_progress(max(main_epoch, 0), cfg.epochs)
     method.use_warmup(warmup)
@@ -191,7 +186,8 @@ def _epoch(sess: Session, epoch: int, pos: res.Position, started: float, progres
     for step, batch in enumerate(loader, start=first_step):  # ``step`` steps done before this batch
         n = batch["image"].shape[0]
         signum, smallest = _sync(stop, accelerator, n)
-        if signum:  # the step before this batch was the last: save where we stand, then stop
+        if signum and step % accum == 0:  # the update before this batch was the last: save, then stop
+            # (with --grad-accum a signal waits for the accumulation in progress to end in an update)
             pos.partial = res.Partial(epoch=epoch, step=step, sums={k: float(v) for k, v in sums.items()},
                                       seen=seen, train_seconds=before + time.time() - t0, skipped=skipped.report())
             res.save(sess, out, pos, started)
@@ -206,6 +202,8 @@ def _epoch(sess: Session, epoch: int, pos: res.Position, started: float, progres
         if smallest == 0:  # every example of a batch was unreadable (on some process): no step
             continue
         images, labels = batch["image"].to(sess.device), batch["label"].to(sess.device)
+        if per_update and step % accum == 0:
+            recipe.set_lr(cfg, sess.scheduler, sess.optimizer, main_epoch, step // accum, sess.updates_per_epoch)
         try:
             terms = sess.train_step(images, labels, batch["index"].to(sess.device))
         except TrainingDiverged as e:
@@ -222,9 +220,11 @@ def _epoch(sess: Session, epoch: int, pos: res.Position, started: float, progres
         raise KdcliError("the training split yielded no batch; is it empty or smaller than --batch-size?")
     terms = {k: float(v) / seen for k, v in sums.items()}
     metrics = sess.evaluate()
+    pos.ema_metrics = sess.evaluate(ema=True) if sess.ema is not None else None
     record = rep.EpochRecord(epoch=epoch + 1, stage="warmup" if warmup else "train", lr=lr,
                              images=seen * world, loss=sum(terms.values()), terms=terms,
                              eval_top1=metrics.top1, seconds=before + time.time() - t0,
+                             eval_top1_ema=pos.ema_metrics.top1 if pos.ema_metrics else None,
                              images_per_s=seen * world / max(train_seconds, 1e-9))
     pos.history.append(record)
     if not warmup and (pos.best is None or metrics.top1 > pos.best.top1):
@@ -276,13 +276,14 @@ def training_diagnostics(sess: Session) -> dict:
 def format_epoch(r: rep.EpochRecord, epochs: int) -> str:
     terms = ", ".join(f"{k} {v:.4f}" for k, v in r.terms.items())
     stage = " (warm-up)" if r.stage == "warmup" else ""
+    ema = f" (ema {100 * r.eval_top1_ema:.2f}%)" if r.eval_top1_ema is not None else ""
     return (f"epoch {r.epoch}/{epochs}{stage}  loss {r.loss:.4f} ({terms})  lr {r.lr:.4g}  "
-            f"eval top1 {100 * r.eval_top1:.2f}%  {r.images_per_s:.0f} img/s  {r.seconds:.1f}s")
+            f"eval top1 {100 * r.eval_top1:.2f}%{ema}  {r.images_per_s:.0f} img/s  {r.seconds:.1f}s")
 
 
 def finish(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | None,
            history: list[rep.EpochRecord], started: float, peer_metrics: rep.Metrics | None = None,
-           skipped: dict | None = None) -> rep.Report:
+           skipped: dict | None = None, ema_metrics: rep.Metrics | None = None) -> rep.Report:
     """Write the student checkpoint, then the report (last: its presence marks a finished run)."""
     cfg = sess.cfg
     student = sess.unwrapped_student()
@@ -293,11 +294,15 @@ def finish(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | None
     path = out / MODEL_FILE
     try:  # a failed write (a full disk) leaves the last resume state as it was, and no report
         ckpt.save(path, student.net, meta)
+        if sess.ema is not None:  # the student's moving average: a checkpoint of its own, beside the raw one
+            path = out / EMA_FILE
+            ckpt.save(path, sess.ema.module.net, meta.model_copy(update={"trained": {**meta.trained,
+                                                                                  "ema": cfg.ema}}))
         if sess.online:  # the other network of an online method gets its own checkpoint
             path = out / PEER_FILE
             p_model = sess.unwrapped_teacher()
             ckpt.save(path, p_model.net, p_model.meta.model_copy(update={"trained": meta.trained}))
-        report = _report(sess, out, metrics, best, history, started, peer_metrics, skipped)
+        report = _report(sess, out, metrics, best, history, started, peer_metrics, skipped, ema_metrics)
         path = out / "config.json"  # timm's model folder: config.json and a model card beside the weights
         write_model_folder(out, student.net, meta, report)
         path = out / REPORT_FILE
@@ -308,8 +313,20 @@ def finish(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | None
     return report
 
 
+def _ema_info(sess: Session, out: Path, history: list[rep.EpochRecord],
+              ema_metrics: rep.Metrics | None) -> rep.EmaInfo | None:
+    if sess.ema is None or ema_metrics is None:
+        return None
+    scored = [h for h in history if h.stage == "train" and h.eval_top1_ema is not None]
+    top = max(scored, key=lambda h: h.eval_top1_ema, default=None)  # the first of equals, as for the raw student
+    best = rep.Best(epoch=top.epoch, top1=top.eval_top1_ema) if top else None
+    return rep.EmaInfo(decay=sess.cfg.ema, path=str(out / EMA_FILE), sha256=ckpt.sha256(out / EMA_FILE),
+                       metrics=rep.MetricsBlock(final=ema_metrics, best=best))
+
+
 def _report(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | None, history: list[rep.EpochRecord],
-            started: float, peer_metrics: rep.Metrics | None, skipped: dict | None) -> rep.Report:
+            started: float, peer_metrics: rep.Metrics | None, skipped: dict | None,
+            ema_metrics: rep.Metrics | None = None) -> rep.Report:
     cfg = sess.cfg
     mspec = methods.spec(cfg.method, cfg.method_args)
     peer = None
@@ -333,6 +350,8 @@ def _report(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | Non
                               warmup_epochs=sess.warmup_epochs),
         peer=peer,
         metrics=rep.MetricsBlock(final=metrics, best=best),
+        ema=_ema_info(sess, out, history, ema_metrics),
+        effective_batch=cfg.batch_size * cfg.grad_accum * sess.accelerator.num_processes,
         history=history,
         timing=rep.Timing(total_seconds=total, train_images_per_s=images / train_seconds if train_seconds else 0.0),
     )

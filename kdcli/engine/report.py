@@ -64,6 +64,16 @@ class PeerInfo(BaseModel):
     metrics: Metrics
 
 
+class EmaInfo(BaseModel):
+    """The student's exponential moving average (``--ema``, timm's ModelEmaV3), evaluated beside the raw
+    student: ``metrics`` of the report are the raw student's (model.safetensors), these the average's."""
+
+    decay: float
+    path: str
+    sha256: str
+    metrics: MetricsBlock
+
+
 class DataInfo(BaseModel):
     dataset: str
     source: str
@@ -102,6 +112,7 @@ class EpochRecord(BaseModel):
     loss: float
     terms: dict[str, float]
     eval_top1: float
+    eval_top1_ema: float | None = Field(None, description="top-1 of the student's moving average (--ema)")
     images: int = Field(description="training images seen, all processes")
     seconds: float = Field(description="training and evaluation")
     images_per_s: float
@@ -128,7 +139,10 @@ class Report(BaseModel):
     student: ModelInfo
     method: MethodInfo
     peer: PeerInfo | None = None
-    metrics: MetricsBlock
+    metrics: MetricsBlock = Field(description="the student's (model.safetensors); the moving average's: ema.metrics")
+    ema: EmaInfo | None = None
+    effective_batch: int | None = Field(None, description="examples per optimizer update: batch size × "
+                                                          "--grad-accum × processes")
     history: list[EpochRecord]
     timing: Timing
 

@@ -55,12 +55,15 @@ class Position:
     elapsed: float = 0.0
     partial: Partial | None = None
     skipped: dict | None = None  # unreadable examples of the last epoch: {"train": …, "eval": …}
+    ema_metrics: rep.Metrics | None = None  # the moving average's evaluation after the last epoch (not saved)
 
 
 def _state_module(sess: Session) -> torch.nn.Module:
     state = {"student": sess.unwrapped_student().net, "method": sess.accelerator.unwrap_model(sess.method)}
     if sess.online:
         state["peer"] = sess.unwrapped_teacher().net
+    if sess.ema is not None:
+        state["ema"] = sess.ema.module.net
     return torch.nn.ModuleDict(state)
 
 

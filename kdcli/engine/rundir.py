@@ -24,12 +24,13 @@ from kdcli.errors import KdcliError
 
 MODEL_FILE = "model.safetensors"
 PEER_FILE = "peer.safetensors"
+EMA_FILE = "model_ema.safetensors"  # the student's moving average (--ema)
 REPORT_FILE = "report.json"
 RESUME_DIR = "resume"
 PROGRESS_FILE = "progress.json"
 LOCK_FILE = ".kdcli.lock"
 # files a run writes at its end (cleared by --overwrite)
-RESULT_FILES = (REPORT_FILE, MODEL_FILE, PEER_FILE, "config.json", "README.md")
+RESULT_FILES = (REPORT_FILE, MODEL_FILE, PEER_FILE, EMA_FILE, "config.json", "README.md")
 
 State = Literal["fresh", "interrupted", "finished"]
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from kdcli import methods, models
 from kdcli.config import RunConfig
 from kdcli.data import DataBundle, SkipTracker, open_data
+from kdcli.engine import recipe
 from kdcli.engine import report as rep
 from kdcli.engine.metrics import Evaluator
 from kdcli.engine.signals import ignore_in_worker
@@ -63,13 +64,14 @@ def _no_accelerator() -> bool:
     return not (acc.is_available() if acc is not None else torch.cuda.is_available())
 
 
-def make_accelerator(precision: str, seed: int, find_unused_parameters: bool = False) -> Accelerator:
+def make_accelerator(precision: str, seed: int, find_unused_parameters: bool = False,
+                     grad_accum: int = 1) -> Accelerator:
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     try:
         # cpu=True on a machine without an accelerator lets several launched processes use gloo.
         # Feature methods leave some parameters without gradient in one stage (the upper student layers
         # during a hint warm-up, connectors after it), which DDP must be told about.
-        return Accelerator(mixed_precision=mixed, cpu=_no_accelerator(),
+        return Accelerator(mixed_precision=mixed, cpu=_no_accelerator(), gradient_accumulation_steps=grad_accum,
                            kwargs_handlers=[DistributedDataParallelKwargs(
                                find_unused_parameters=find_unused_parameters)],
                            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
@@ -101,6 +103,11 @@ class Session:
     eval_skipped: dict | None = None  # unreadable evaluation examples of the last evaluation
     warnings: list[str] = field(default_factory=list)  # printed at the start of the run
     teacher_infos: list[models.Loaded] = field(default_factory=list)  # every teacher, in --teacher order
+    scheduler: object = None  # timm's scheduler of the main epochs (recipe.make_scheduler)
+    updates_per_epoch: int = 1  # optimizer updates in one epoch (batches / --grad-accum, rounded up)
+    mixer: recipe.Mixer | None = None  # soft targets: mixup, cutmix, label smoothing
+    ema: object = None  # timm.utils.ModelEmaV3 of the student, when --ema
+    trained: list = field(default_factory=list)  # the modules the optimizer trains (prepared)
 
     @property
     def device(self) -> torch.device:
@@ -118,8 +125,15 @@ class Session:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor,
                    index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """One optimisation step (``index``: the examples' original row indices); returns the detached loss terms."""
-        with self.accelerator.autocast():
+        """One batch (``index``: the examples' original row indices): forward, loss, backward and, every
+        ``--grad-accum`` batches, the optimizer update (clipped, then the EMA follows). Returns the detached
+        loss terms."""
+        acc = self.accelerator
+        if self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.mixer is not None:  # mixed before the teacher's forward: both see the same images
+            images, labels = self.mixer(images, labels)
+        with acc.accumulate(*self.trained), acc.autocast():
             t = None
             if self.online:
                 t = self.teacher(images, self.needs)  # a peer: it learns from its own terms
@@ -130,28 +144,37 @@ class Session:
                 t = t.map(torch.Tensor.clone)  # inference tensors cannot take part in autograd
             s = self.student(images, self.needs)
             terms = self.method(s, t, labels, images=images, index=index)  # warm-up or main terms: see use_warmup
-        loss = sum(terms.values())
-        if self.accelerator.num_processes > 1:
-            # DDP expects every output of a wrapped model to reach the loss; a stage that uses only some
-            # (a hint warm-up reads one feature map) would otherwise leave its reduction unfinished
-            outs = s.tensors() + (t.tensors() if self.online else [])
-            loss = loss + 0.0 * sum(o.float().sum() for o in outs)
-        if not torch.isfinite(loss):
-            bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "loss")
-            raise TrainingDiverged(f"loss term {bad!r} became {float(terms.get(bad, loss).detach())}")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        self.optimizer.step()
+            loss = sum(terms.values())
+            if acc.num_processes > 1:
+                # DDP expects every output of a wrapped model to reach the loss; a stage that uses only some
+                # (a hint warm-up reads one feature map) would otherwise leave its reduction unfinished
+                outs = s.tensors() + (t.tensors() if self.online else [])
+                loss = loss + 0.0 * sum(o.float().sum() for o in outs)
+            if not torch.isfinite(loss):
+                bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "loss")
+                raise TrainingDiverged(f"loss term {bad!r} became {float(terms.get(bad, loss).detach())}")
+            acc.backward(loss)  # divided by --grad-accum
+            if acc.sync_gradients:
+                if self.cfg.clip_grad:
+                    acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                        self.cfg.clip_grad)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(self.unwrapped_student())
         return {k: v.detach() for k, v in terms.items()}
 
     @torch.no_grad()
-    def evaluate(self, peer: bool = False) -> rep.Metrics:
-        """Metrics of the student (or, with ``peer``, of an online teacher against the student).
+    def evaluate(self, peer: bool = False, ema: bool = False) -> rep.Metrics:
+        """Metrics of the student (or, with ``peer``, of an online teacher against the student; with ``ema``, of
+        the student's moving average).
 
         Unreadable evaluation examples are left out and counted in ``eval_skipped`` (over the limit of
         ``--max-bad-fraction``: one clear error)."""
         model, other = (self.teacher, self.student) if peer else (self.student, self.teacher)
-        modes = [(m, m.training) for m in (self.student, self.teacher) if m is not None]
+        if ema:
+            model = self.ema.module
+        modes = [(m, m.training) for m in (self.student, self.teacher, model) if m is not None]
         for m, _ in modes:
             m.eval()
         ev = Evaluator(self.data.num_classes, self.data.class_names, with_teacher=other is not None)
@@ -222,7 +245,7 @@ def merged(accelerator: Accelerator, tracker: SkipTracker) -> SkipTracker:
 
 def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     """Data, models, method, optimizer and loaders for ``cfg`` (nothing is trained or written)."""
-    accelerator = accelerator or make_accelerator(cfg.precision, cfg.seed)
+    accelerator = accelerator or make_accelerator(cfg.precision, cfg.seed, grad_accum=cfg.grad_accum)
     if accelerator.device.type == "cpu":
         # Normalised inputs drive some activations and gradients into denormal floats, which x86 CPUs
         # process many times slower (measured: ~15% of a step); flushing them to zero changes nothing else.
@@ -231,6 +254,11 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     mspec = methods.spec(cfg.method, cfg.method_args)
     if mspec.uses_teacher and not cfg.teacher:
         raise KdcliError(f"method {cfg.method!r} needs a teacher (a peer, for online methods): pass --teacher")
+    if cfg.soft_targets and not mspec.soft_targets:
+        raise KdcliError(f"--method {cfg.method} needs hard labels (see `kdcli methods`); it cannot train with "
+                         "--mixup, --cutmix or --label-smoothing")
+    if cfg.compile:
+        recipe.check_compile(accelerator.device)
     data = open_run_data(cfg)
     if "index" in mspec.needs and data.train_labels() is None:
         raise KdcliError(f"--method {cfg.method} keeps a memory per training example, indexed by its row: it needs "
@@ -277,12 +305,10 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     except ValueError as e:  # a method that cannot work with these models, e.g. too few stages
         raise KdcliError(f"--method {cfg.method}: {e}") from None
 
-    # One SGD over the student, the method's modules and (online methods) the peer: per-parameter state
+    # One optimizer over the student, the method's modules and (online methods) the peer: per-parameter state
     # makes it the same as one optimizer per network with the same settings.
-    params = [p for p in student.parameters() if p.requires_grad] + list(method.parameters())
-    if online:
-        params += list(teacher.parameters())
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    trainable = {"student": student, "method": method, **({"peer": teacher} if online else {})}
+    optimizer = recipe.make_optimizer(cfg, trainable)
 
     workers = cfg.workers if cfg.workers is not None else default_workers(data)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -292,6 +318,14 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     train_loader = make_loader(data, train_ds, cfg.batch_size, workers, shuffle=not streaming, drop_last=drop_last)
     eval_loader = make_loader(data, data.eval_dataset(), cfg.batch_size * 2, workers)
 
+    if cfg.channels_last:
+        for m in (student, teacher, method):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
+    if cfg.compile:  # in place (Module.compile): parameter names, checkpoints and resume state stay the same
+        student.compile()
+        if teacher is not None:
+            teacher.compile()
     trained = [student]
     if teacher is not None and online:
         trained.append(teacher.train())
@@ -312,9 +346,24 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     accelerator.unwrap_model(method).bind(student, teacher)
     if "index" in needs:
         accelerator.unwrap_model(method).attach_data(torch.from_numpy(data.train_labels()))
+    try:
+        batches = len(train_loader)
+    except TypeError:  # a streamed split: its length is known from the data's size, when it is
+        batches = max(1, -(-(data.num_train or cfg.batch_size) // (cfg.batch_size * world)))
+    updates = max(1, -(-batches // cfg.grad_accum))
+    scheduler = recipe.make_scheduler(cfg, optimizer, updates)
+    ema = None
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(accelerator.unwrap_model(student), decay=cfg.ema)
+        ema.module.eval()
     return Session(cfg, accelerator, data, student, teacher, method, optimizer, train_loader, eval_loader,
                    student_info, teacher_info, needs, online=online, uses_teacher=mspec.uses_teacher,
                    corruption=corruption, warnings=warnings, teacher_infos=teacher_infos,
-                   warmup_epochs=accelerator.unwrap_model(method).warmup_epochs(cfg.epochs))
+                   warmup_epochs=accelerator.unwrap_model(method).warmup_epochs(cfg.epochs),
+                   scheduler=scheduler, updates_per_epoch=updates,
+                   mixer=recipe.Mixer(cfg, data.num_classes) if cfg.soft_targets else None, ema=ema,
+                   trained=trained)
 
 

@@ -79,6 +79,9 @@ class Method(nn.Module):
     # with several --teacher: "combined" reads the ensemble's target (teacher_log_probs), "one" reads the
     # --feature-teacher only, "no" refuses an ensemble (the method runs the teacher itself, or trains it)
     teachers: ClassVar[str] = "one"
+    # the target may be a class distribution (B, C) (mixup, cutmix, label smoothing), not only class indices:
+    # hard-label terms then use F.cross_entropy's soft targets, class masks the dominant class (hard_labels)
+    soft_targets: ClassVar[bool] = True
     online: ClassVar[bool] = False  # the teacher trains too (DML): its terms reach it through autograd
     stages_note: ClassVar[str] = ""  # one line for `kdcli methods`, e.g. "warm-up: hint stage"
     Args: ClassVar[type[MethodArgs]] = MethodArgs
@@ -225,6 +228,7 @@ class Composite(Method):
         self.uses_teacher = any(p.uses_teacher for p in parts)
         self.online = any(p.online for p in parts)
         self.teachers = _teachers_of([p.teachers for p in parts])
+        self.soft_targets = all(p.soft_targets for p in parts)
 
     @staticmethod
     def _merge(part_terms: list[tuple[str, dict[str, Tensor]]]) -> dict[str, Tensor]:
@@ -298,6 +302,10 @@ class MethodSpec:
     def teachers(self) -> str:
         return _teachers_of([cls.teachers for cls, _ in self.parts])
 
+    @property
+    def soft_targets(self) -> bool:
+        return all(cls.soft_targets for cls, _ in self.parts)
+
     def resolved_args(self) -> dict[str, object]:
         if len(self.parts) == 1:
             return self.parts[0][1].model_dump()
@@ -346,6 +354,12 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0) -> Te
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
 
 
+def hard_labels(target: Tensor) -> Tensor:
+    """Class indices of a target: itself, or the dominant class of a soft one (mixup, label smoothing), as
+    NKD's reference takes the argmax of mixed labels."""
+    return target if target.dim() == 1 else target.argmax(dim=1)
+
+
 def standardized(z: Tensor, eps: float = 1e-7) -> Tensor:
     """Logit standardization (Sun et al., CVPR 2024): per example, (z − mean) / (eps + std), the std unbiased
     as torch's default (the authors' ``normalize`` in mdistiller/distillers/KD.py)."""
@@ -368,8 +382,9 @@ def ensemble_weights(members: list[Tensor], target: Tensor | None, weighting: st
         return members[0].new_full((k, b), 1.0 / k, dtype=torch.float32)
     if weighting != "camkd":
         raise ValueError(f"unknown ensemble weighting {weighting!r}; choose one of {', '.join(ENSEMBLE_WEIGHTINGS)}")
-    if target is None or target.dim() != 1:
-        raise ValueError("ensemble=camkd weighs teachers by their loss on the hard labels, which this batch lacks")
+    if target is None:
+        raise ValueError("ensemble=camkd weighs teachers by their loss on the labels, which this batch lacks")
+    # a soft target (mixup): the cross-entropy against the class distribution
     ce = torch.stack([F.cross_entropy(z.detach().float(), target, reduction="none") for z in members])
     return (1.0 - torch.softmax(ce, dim=0)) / (k - 1)
 

@@ -161,6 +161,7 @@ class BSS(Method):
     family = "boundary"
     mimics = "the teacher's decision boundary, on adversarial samples pushed towards it"
     teachers = "no"
+    soft_targets = False  # the attack picks samples the teacher gets right: it needs class indices
     stages_note = "per step: targeted attack on the teacher (10 steps); BSS weight 2 → 0 by 75 % of training"
 
     class Args(MethodArgs):

@@ -10,7 +10,17 @@ from pydantic import Field, field_validator
 from torch import Tensor
 from torch.nn import functional as F
 
-from kdcli.methods.base import Method, MethodArgs, Outputs, Shapes, kl_to, register, standardized, teacher_log_probs
+from kdcli.methods.base import (
+    Method,
+    MethodArgs,
+    Outputs,
+    Shapes,
+    hard_labels,
+    kl_to,
+    register,
+    standardized,
+    teacher_log_probs,
+)
 
 
 def ensemble_field():
@@ -75,8 +85,9 @@ class KD(Method):
 
 
 def _split_target(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """The true class's column (B,) and the other columns (B, C − 1), in class order."""
-    gt = F.one_hot(target, x.shape[1]).bool()
+    """The true class's column (B,) and the other columns (B, C − 1), in class order; with a soft target
+    (mixup, label smoothing) the true class is its dominant class (``hard_labels``)."""
+    gt = F.one_hot(hard_labels(target), x.shape[1]).bool()
     return x[gt], x[~gt].view(x.shape[0], -1)
 
 
