@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from kdcli import __version__
-from kdcli.config import default, make_config
+from kdcli.config import RunConfig, default, make_config
 from kdcli.errors import KdcliError
 
 app = typer.Typer(
@@ -27,63 +28,268 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 # ----------------------------------------------------------------------------- shared options
+# --help groups the options of train and distill (and of evaluate and corrupt-dataset) into these panels
+MODELS, METHOD, DATA, CORRUPTION, OPTIM, SPEED, OUTPUT = (
+    "Models", "Method", "Data", "Corruption", "Optimisation", "Speed", "Output")
+
 Dataset = Annotated[str | None, typer.Option(
-    help="digits | synthetic[:SIZE[:CLASSES[:COUNT]]] | a local folder or parquet file | a Hugging Face hub id")]
-Out = Annotated[Path | None, typer.Option(help="run folder: model.safetensors, report.json, resume/")]
-Epochs = Annotated[int, typer.Option(help="training epochs")]
-BatchSize = Annotated[int, typer.Option(help="batch size per process")]
-Lr = Annotated[float, typer.Option(help="initial learning rate (SGD)")]
-WeightDecay = Annotated[float, typer.Option(help="weight decay")]
-Momentum = Annotated[float, typer.Option(help="SGD momentum")]
-Schedule = Annotated[str, typer.Option(help="cosine | step (×0.1 at 62.5%, 75%, 87.5% of the epochs)")]
-Seed = Annotated[int, typer.Option(help="random seed (weights, order, augmentation)")]
-Precision = Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (mixed precision through Accelerate)")]
+    help="digits | synthetic[:SIZE[:CLASSES[:COUNT]]] | a local folder or parquet file | a Hugging Face hub id",
+    rich_help_panel=DATA)]
+Out = Annotated[Path | None, typer.Option(help="run folder: model.safetensors, report.json, resume/",
+                                          rich_help_panel=OUTPUT)]
+Config = Annotated[Path | None, typer.Option(
+    metavar="FILE", help="run options from a YAML, TOML or JSON file (RunConfig names: batch_size or batch-size), "
+                         "or a finished run's report.json; options given on the command line win",
+    rich_help_panel=OUTPUT)]
+# optimisation
+Epochs = Annotated[int, typer.Option(help="training epochs", rich_help_panel=OPTIM)]
+BatchSize = Annotated[int, typer.Option(help="batch size per process", rich_help_panel=OPTIM)]
+Lr = Annotated[float, typer.Option(help="initial learning rate (the peak, after any --warmup-epochs)",
+                                   rich_help_panel=OPTIM)]
+WeightDecay = Annotated[float, typer.Option(
+    help="weight decay (on every parameter, unless --no-decay-norm-bias)", rich_help_panel=OPTIM)]
+Momentum = Annotated[float, typer.Option(help="momentum of SGD-family optimizers", rich_help_panel=OPTIM)]
+Opt = Annotated[str, typer.Option(
+    help="optimizer: momentum (SGD with momentum), sgd (Nesterov), adamw, lamb, …: any name "
+         "timm.optim.create_optimizer_v2 accepts", rich_help_panel=OPTIM)]
+NoDecayNormBias = Annotated[bool, typer.Option(
+    "--no-decay-norm-bias/--decay-norm-bias",
+    help="no weight decay on normalisation weights and biases (timm's filter_bias_and_bn)", rich_help_panel=OPTIM)]
+Schedule = Annotated[str, typer.Option(
+    "--sched", "--schedule",
+    help="lr schedule: cosine | step (×--decay-rate at 62.5%, 75%, 87.5% of the epochs) | multistep "
+         "(×--decay-rate after each of --decay-milestones) | poly | constant", rich_help_panel=OPTIM)]
+DecayMilestones = Annotated[list[str] | None, typer.Option(
+    metavar="EPOCHS", help="multistep: the epochs after which the lr decays, e.g. 150,180,210 (RepDistiller's)",
+    rich_help_panel=OPTIM)]
+DecayRate = Annotated[float, typer.Option(help="step, multistep: the lr's factor at each decay",
+                                          rich_help_panel=OPTIM)]
+WarmupEpochs = Annotated[int, typer.Option(help="linear lr warm-up over the first N epochs (within --epochs)",
+                                           rich_help_panel=OPTIM)]
+WarmupLr = Annotated[float, typer.Option(help="the lr the warm-up starts from", rich_help_panel=OPTIM)]
+MinLr = Annotated[float, typer.Option(help="the lowest lr of the schedule (timm's min_lr)", rich_help_panel=OPTIM)]
+SchedOnUpdates = Annotated[bool, typer.Option(help="update the lr after every optimizer step, not once per epoch",
+                                              rich_help_panel=OPTIM)]
+ClipGrad = Annotated[float | None, typer.Option(
+    metavar="NORM", help="clip the global gradient norm to NORM \\[default: no clipping]", rich_help_panel=OPTIM)]
+GradAccum = Annotated[int, typer.Option(
+    metavar="N", help="one optimizer step every N batches (N × --batch-size examples per process)",
+    rich_help_panel=OPTIM)]
+Mixup = Annotated[float, typer.Option(
+    metavar="ALPHA", help="mixup alpha, 0 = off (timm's Mixup); the teacher sees the same mixed images",
+    rich_help_panel=OPTIM)]
+Cutmix = Annotated[float, typer.Option(
+    metavar="ALPHA", help="cutmix alpha, 0 = off (timm's Mixup); the teacher sees the same mixed images",
+    rich_help_panel=OPTIM)]
+LabelSmoothing = Annotated[float, typer.Option(
+    metavar="EPS", help="label smoothing of the targets; kdcli's default 0, unlike timm's Mixup's 0.1",
+    rich_help_panel=OPTIM)]
+Ema = Annotated[float | None, typer.Option(
+    metavar="DECAY", help="decay (e.g. 0.9998) of an exponential moving average of the student, evaluated beside "
+                          "it; DIR/model_ema.safetensors \\[default: off]", rich_help_panel=OPTIM)]
+Seed = Annotated[int, typer.Option(help="random seed (weights, order, augmentation)", rich_help_panel=OPTIM)]
+# speed
+Precision = Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (mixed precision through Accelerate)",
+                                        rich_help_panel=SPEED)]
+ChannelsLast = Annotated[bool, typer.Option(help="channels-last memory format for the models and their inputs",
+                                            rich_help_panel=SPEED)]
+Compile = Annotated[bool, typer.Option(help="torch.compile the student and the teacher", rich_help_panel=SPEED)]
+Workers = Annotated[int | None, typer.Option(help="data-loading processes \\[default: 0 for built-ins, else 8]",
+                                             rich_help_panel=SPEED)]
+# corruption
 Noise = Annotated[str | None, typer.Option(
     help="label noise on the training split: symmetric:R, symmetric-incl:R, pairflip:R, asymmetric:R[:FILE], "
-         "matrix:FILE")]
-Imbalance = Annotated[str | None, typer.Option(help="class imbalance on the training split: longtail:F, step:RHO:MU")]
-CorruptionSeed = Annotated[int, typer.Option(help="seed of the corruption (a pure function of seed, index, label)")]
+         "matrix:FILE", rich_help_panel=CORRUPTION)]
+Imbalance = Annotated[str | None, typer.Option(help="class imbalance on the training split: longtail:F, step:RHO:MU",
+                                               rich_help_panel=CORRUPTION)]
+CorruptionSeed = Annotated[int, typer.Option(help="seed of the corruption (a pure function of seed, index, label)",
+                                             rich_help_panel=CORRUPTION)]
 ClassOrder = Annotated[str | None, typer.Option(
-    help="class order of the imbalance profile: a permutation 3,1,0,2 or random:SEED [default: class index]")]
+    help="class order of the imbalance profile: a permutation 3,1,0,2 or random:SEED \\[default: class index]",
+    rich_help_panel=CORRUPTION)]
+# data
 ImageSize = Annotated[int | None, typer.Option(
-    help="the student's input size [default: a pretrained timm model's own, else the data's native size]")]
+    help="the student's input size \\[default: a pretrained timm model's own, else the data's native size]",
+    rich_help_panel=DATA)]
 NumClasses = Annotated[int | None, typer.Option(
-    help="number of classes, for integer labels whose largest value is not the last class")]
-Streaming = Annotated[bool, typer.Option(help="stream the training split (datasets.IterableDataset)")]
-ShuffleBuffer = Annotated[int, typer.Option(help="shuffle buffer when streaming")]
+    help="number of classes, for integer labels whose largest value is not the last class", rich_help_panel=DATA)]
+Streaming = Annotated[bool, typer.Option(help="stream the training split (datasets.IterableDataset)",
+                                         rich_help_panel=DATA)]
+ShuffleBuffer = Annotated[int, typer.Option(help="shuffle buffer when streaming", rich_help_panel=DATA)]
 Augment = Annotated[str, typer.Option(
     help="auto | cifar (pad-crop + flip; crop-flip is an alias) | imagenet (random-resized crop + flip) | "
-         "randaugment (imagenet + rand-m9-mstd0.5-inc1) | crop | none; auto: cifar up to 64 px, imagenet above")]
-Workers = Annotated[int | None, typer.Option(help="data-loading processes [default: 0 for built-ins, else 8]")]
+         "randaugment (imagenet + rand-m9-mstd0.5-inc1) | crop | none; auto: cifar up to 64 px, imagenet above",
+    rich_help_panel=DATA)]
 MaxBad = Annotated[float, typer.Option(
     help="unreadable images (undecodable, null) are skipped, named and counted; more than this fraction of a "
-         "split stops the run")]
-ImageColumn = Annotated[str | None, typer.Option(help="image column [default: detected]")]
-LabelColumn = Annotated[str | None, typer.Option(help="label column [default: detected]")]
-TrainSplit = Annotated[str | None, typer.Option(help="training split [default: train]")]
-EvalSplit = Annotated[str | None, typer.Option(help="evaluation split [default: test/validation/valid]")]
+         "split stops the run", rich_help_panel=DATA)]
+ImageColumn = Annotated[str | None, typer.Option(help="image column \\[default: detected]", rich_help_panel=DATA)]
+LabelColumn = Annotated[str | None, typer.Option(help="label column \\[default: detected]", rich_help_panel=DATA)]
+TrainSplit = Annotated[str | None, typer.Option(help="training split \\[default: train]", rich_help_panel=DATA)]
+EvalSplit = Annotated[str | None, typer.Option(help="evaluation split \\[default: test/validation/valid]",
+                                               rich_help_panel=DATA)]
+# output
 Resume = Annotated[Path | None, typer.Option(
-    help="continue the interrupted run in this folder (its own options are used)")]
-Overwrite = Annotated[bool, typer.Option(help="replace a finished or interrupted run in --out")]
+    help="continue the interrupted run in this folder (its own options are used)", rich_help_panel=OUTPUT)]
+Overwrite = Annotated[bool, typer.Option(help="replace a finished or interrupted run in --out",
+                                         rich_help_panel=OUTPUT)]
 AutoResume = Annotated[bool, typer.Option(
     help="continue the interrupted run in --out if its options are the same, else start it: one command line "
-         "for the first start and every requeue (sbatch --requeue)")]
+         "for the first start and every requeue (sbatch --requeue)", rich_help_panel=OUTPUT)]
 StopAfter = Annotated[int | None, typer.Option(
-    help="stop after this epoch, leaving a run that --resume continues")]
+    help="stop after this epoch, leaving a run that --resume continues", rich_help_panel=OUTPUT)]
 
 
-def _run(values: dict, resume: Path | None, overwrite: bool, auto_resume: bool, required: tuple[str, ...],
-         stop_after_epoch: int | None) -> None:
+# ----------------------------------------------------------------------------- train and distill
+# the options of train and distill that are no RunConfig field: they say how to run, not what
+_CONTROL = ("ctx", "config", "resume", "overwrite", "auto_resume", "stop_after_epoch")
+# options spelled otherwise than their RunConfig field (a config file may use either spelling)
+_RENAMES = {
+    "train": {"model": "student", "model_weights": "student_weights", "pretrained": "student_pretrained"},
+    "distill": {"method_arg": "method_args"},
+}
+_SPELLINGS = {"sched": "schedule"}
+# RunConfig fields that train has no option for: a file for train may hold them at their default only (a train
+# report holds them all)
+_DISTILL_ONLY = ("teacher", "teacher_weights", "teacher_pretrained", "teacher_image_size", "feature_teacher",
+                 "ignore_class_names", "method", "method_args", "student_stages", "teacher_stages")
+_INT_LISTS = {"decay_milestones": "epochs, e.g. 150,180,210", "student_stages": "stage indices, e.g. 1,2,3",
+              "teacher_stages": "stage indices, e.g. 1,2,3"}
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _given(ctx: typer.Context, command: str) -> set[str]:
+    """The RunConfig fields whose option was given on the command line (not left at its default)."""
+    renames = _RENAMES[command]
+    # by the source's name: click's ParameterSource, or the copy of click that newer typer versions carry
+    return {renames.get(name, name) for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def read_config_file(path: Path, command: str) -> dict[str, Any]:
+    """The run options of a YAML/TOML/JSON file or of a finished run's report.json, as RunConfig fields.
+
+    Keys are RunConfig names, snake_case or spelt as options (``batch-size``, ``sched``; for train also
+    ``model``, ``model-weights``, ``pretrained``; for distill ``method-arg``). ``command`` (a report's, or the
+    file's own) must be ``command`` when present. Values are checked later, by the RunConfig.
+    """
+    import json
+    import tomllib
+
+    import yaml
+
+    where = f"--config {path}"
+    kind = {".yaml": "YAML", ".yml": "YAML", ".toml": "TOML", ".json": "JSON"}.get(path.suffix.lower())
+    if kind is None:
+        raise KdcliError(f"{where}: give a .yaml, .yml, .toml or .json file (or a run's report.json)")
+    if not path.is_file():
+        raise KdcliError(f"{where} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = (yaml.safe_load(text) if kind == "YAML" else tomllib.loads(text) if kind == "TOML"
+               else json.loads(text))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise KdcliError(f"{where} is not a readable {kind} file: {' '.join(str(e).split())[:160]}") from None
+    if not isinstance(raw, dict):
+        raise KdcliError(f"{where}: expected a mapping of run options (epochs: 30, …), got {type(raw).__name__}")
+    report = isinstance(raw.get("config"), dict)  # a run's report.json: its config block is the run's options
+    options = dict(raw["config"]) if report else dict(raw)
+    file_command = raw.get("command", options.get("command")) if report else options.get("command")
+    options.pop("command", None)  # it selects the subcommand: checked here, never passed on
+    if file_command is not None and file_command != command:
+        what = f"the report of a kdcli {file_command} run" if report else f"for kdcli {file_command}"
+        fix = (f": use it with kdcli {file_command} --config" if file_command in _RENAMES
+               else f" (command: {file_command!r}); kdcli {command} takes a {command} config")
+        raise KdcliError(f"{where} is {what}{fix}")
+
+    names = {**_SPELLINGS, **_RENAMES[command]}
+    values: dict[str, Any] = {}
+    spelt: dict[str, str] = {}
+    unknown = []
+    for key, value in options.items():
+        field = str(key).replace("-", "_")
+        field = names.get(field, field)
+        if field not in RunConfig.model_fields or field == "command":
+            unknown.append(str(key))
+        elif field in values:
+            raise KdcliError(f"{where} gives {field} twice, as {spelt[field]!r} and {key!r}")
+        else:
+            values[field], spelt[field] = value, str(key)
+    if unknown:
+        control = [k for k in unknown if k.replace("-", "_") in _CONTROL]
+        if control:
+            raise KdcliError(f"{where}: {', '.join(control)} {'is' if len(control) == 1 else 'are'} no run "
+                             f"option: give {', '.join(_flag(k.replace('-', '_')) for k in control)} on the "
+                             "command line")
+        import difflib
+
+        known = [*RunConfig.model_fields, *names]
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k.replace("-", "_"), known, 1))
+                 else repr(k) for k in unknown]
+        raise KdcliError(f"{where}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; a config "
+                         f"file takes the options of kdcli {command} by their RunConfig names")
+    if command == "train":  # a train report holds these at their defaults; anything else is a distill file
+        set_ = [f for f in _DISTILL_ONLY  # None, [] and {} are all "unset"
+                if f in values and values[f] != default(f) and (values[f] or default(f))]
+        if set_:
+            raise KdcliError(f"{where} sets {', '.join(set_)}, which kdcli train does not take (it trains with ce "
+                             "and no teacher): use it with kdcli distill")
+        for f in _DISTILL_ONLY:
+            values.pop(f, None)
+    return {k: _file_value(k, v, f"{where}: {spelt[k]}") for k, v in values.items()}
+
+
+def _file_value(field: str, value: Any, label: str) -> Any:
+    """A file's value in the form the CLI gives it (comma lists, KEY=VALUE lists and '-' accepted there too)."""
+    if field in _INT_LISTS and isinstance(value, str):
+        return _int_list(value, label, _INT_LISTS[field])
+    if field in _INT_LISTS and isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if field == "method_args":
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return _key_values(value, label)
+        if isinstance(value, dict):  # method arguments are text, as on the command line
+            return {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
+    if field == "teacher_weights":
+        return [None if w == "-" else w for w in value] if isinstance(value, list) else None if value == "-" else value
+    return value
+
+
+def resolve_config(command: str, values: dict[str, Any], given: set[str], config: Path | None,
+                   required: tuple[str, ...]) -> RunConfig:
+    """The RunConfig of a train/distill command line: ``values`` (every option, as RunConfig fields) over the
+    ``config`` file's options, where an option given on the command line (``given``) wins over the file and the
+    file wins over an option left at its default."""
+    from_file = read_config_file(config, command) if config is not None else {}
+    merged = {**values, **{k: v for k, v in from_file.items() if k not in given}}
+    if "method_args" in from_file and "method_args" in given:  # --method-arg K=V sets K, keeping the file's others
+        merged["method_args"] = {**from_file["method_args"], **values["method_args"]}
+    missing = [_flag(k) for k in required if merged.get(k) in (None, [], ())]
+    if missing:
+        where = f" (on the command line or in --config {config})" if config is not None else " (or pass --resume DIR)"
+        raise KdcliError(f"missing option {', '.join(missing)}{where}")
+    try:
+        return make_config(**{k: (str(v) if isinstance(v, Path) else v) for k, v in merged.items()})
+    except KdcliError as e:
+        if any(re.match(rf"invalid {_flag(f)}(-\d+)*:", str(e)) for f in from_file if f not in given):
+            raise KdcliError(f"{e} (from --config {config})") from None
+        raise
+
+
+def _run(values: dict, command: str, required: tuple[str, ...], ctx: typer.Context, config: Path | None,
+         resume: Path | None, overwrite: bool, auto_resume: bool, stop_after_epoch: int | None) -> None:
     from kdcli.engine import loop
 
     if resume is not None:
+        if config is not None:
+            raise KdcliError("--config and --resume exclude each other: a resumed run keeps its own options")
         cfg = loop.resumed_config(resume)
         console.print(f"resuming the run in {resume} with its own options")
     else:
-        missing = [f"--{k.replace('_', '-')}" for k in required if values.get(k) in (None, [], ())]
-        if missing:
-            raise KdcliError(f"missing option {', '.join(missing)} (or pass --resume DIR)")
-        cfg = make_config(**{k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()})
+        cfg = resolve_config(command, values, _given(ctx, command), config, required)
     if stop_after_epoch is not None and stop_after_epoch < 1:
         raise KdcliError("invalid --stop-after-epoch: must be at least 1")
     report = loop.run(cfg, overwrite=overwrite, resume=resume is not None, auto_resume=auto_resume,
@@ -99,36 +305,57 @@ def _run(values: dict, resume: Path | None, overwrite: bool, auto_resume: bool, 
 
 @app.command()
 def train(
-    model: Annotated[str | None, typer.Option(help="timm model name, cifar_* name, or kdcli checkpoint")] = None,
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Option(help="timm model name, cifar_* name, or kdcli checkpoint",
+                                              rich_help_panel=MODELS)] = None,
     model_weights: Annotated[str | None, typer.Option(
-        help="weights (.safetensors, or .pth/.bin read with weights_only) for a named architecture")] = None,
+        help="weights (.safetensors, or .pth/.bin read with weights_only) for a named architecture",
+        rich_help_panel=MODELS)] = None,
     pretrained: Annotated[bool, typer.Option(
-        help="start from timm's pretrained weights for --model (e.g. resnet50.a1_in1k, hf-hub:...)")] = False,
+        help="start from timm's pretrained weights for --model (e.g. resnet50.a1_in1k, hf-hub:...)",
+        rich_help_panel=MODELS)] = False,
     dataset: Dataset = None,
-    out: Out = None,
+    image_column: ImageColumn = None,
+    label_column: LabelColumn = None,
+    train_split: TrainSplit = None,
+    eval_split: EvalSplit = None,
+    image_size: ImageSize = None,
+    num_classes: NumClasses = None,
+    augment: Augment = default("augment"),
+    streaming: Streaming = default("streaming"),
+    shuffle_buffer: ShuffleBuffer = default("shuffle_buffer"),
+    max_bad_fraction: MaxBad = default("max_bad_fraction"),
+    noise: Noise = None,
+    imbalance: Imbalance = None,
+    corruption_seed: CorruptionSeed = default("corruption_seed"),
+    class_order: ClassOrder = None,
     epochs: Epochs = default("epochs"),
     batch_size: BatchSize = default("batch_size"),
     lr: Lr = default("lr"),
     weight_decay: WeightDecay = default("weight_decay"),
     momentum: Momentum = default("momentum"),
+    opt: Opt = default("opt"),
+    no_decay_norm_bias: NoDecayNormBias = default("no_decay_norm_bias"),
     schedule: Schedule = default("schedule"),
+    decay_milestones: DecayMilestones = None,
+    decay_rate: DecayRate = default("decay_rate"),
+    warmup_epochs: WarmupEpochs = default("warmup_epochs"),
+    warmup_lr: WarmupLr = default("warmup_lr"),
+    min_lr: MinLr = default("min_lr"),
+    sched_on_updates: SchedOnUpdates = default("sched_on_updates"),
+    clip_grad: ClipGrad = None,
+    grad_accum: GradAccum = default("grad_accum"),
+    mixup: Mixup = default("mixup"),
+    cutmix: Cutmix = default("cutmix"),
+    label_smoothing: LabelSmoothing = default("label_smoothing"),
+    ema: Ema = None,
     seed: Seed = default("seed"),
     precision: Precision = default("precision"),
-    noise: Noise = None,
-    imbalance: Imbalance = None,
-    corruption_seed: CorruptionSeed = 0,
-    class_order: ClassOrder = None,
-    image_size: ImageSize = None,
-    num_classes: NumClasses = None,
-    streaming: Streaming = False,
-    shuffle_buffer: ShuffleBuffer = default("shuffle_buffer"),
-    augment: Augment = default("augment"),
+    channels_last: ChannelsLast = default("channels_last"),
+    compile: Compile = default("compile"),
     workers: Workers = None,
-    max_bad_fraction: MaxBad = default("max_bad_fraction"),
-    image_column: ImageColumn = None,
-    label_column: LabelColumn = None,
-    train_split: TrainSplit = None,
-    eval_split: EvalSplit = None,
+    out: Out = None,
+    config: Config = None,
     resume: Resume = None,
     overwrite: Overwrite = False,
     auto_resume: AutoResume = False,
@@ -136,67 +363,94 @@ def train(
 ) -> None:
     """Standard training (the study's baseline): cross-entropy on the labels, no teacher."""
     values = dict(locals())
-    for k in ("resume", "overwrite", "auto_resume", "model", "model_weights", "pretrained", "stop_after_epoch"):
-        values.pop(k)
-    values.update(command="train", student=model, student_weights=model_weights, student_pretrained=pretrained,
-                  method="ce")
-    _run(values, resume, overwrite, auto_resume, ("student", "dataset", "out"), stop_after_epoch)
+    control = {k: values.pop(k) for k in _CONTROL}
+    values.update(command="train", student=values.pop("model"), student_weights=values.pop("model_weights"),
+                  student_pretrained=values.pop("pretrained"), method="ce",
+                  decay_milestones=_int_list(decay_milestones, "--decay-milestones", _INT_LISTS["decay_milestones"]))
+    _run(values, "train", ("student", "dataset", "out"), **control)
 
 
 @app.command()
 def distill(
+    ctx: typer.Context,
     teacher: Annotated[list[str] | None, typer.Option(
         help="timm model name, cifar_* name, or kdcli checkpoint; repeat for an ensemble of teachers (logit "
-             "methods distill from the mean of their probabilities)")] = None,
+             "methods distill from the mean of their probabilities)", rich_help_panel=MODELS)] = None,
     teacher_weights: Annotated[list[str] | None, typer.Option(
         help="weights (.safetensors, or .pth/.bin read with weights_only) for a named teacher architecture; with "
-             "several --teacher, one per teacher in the same order ('-' for none)")] = None,
+             "several --teacher, one per teacher in the same order ('-' for none)", rich_help_panel=MODELS)] = None,
     teacher_pretrained: Annotated[bool, typer.Option(
-        help="timm's pretrained weights for the --teacher name (e.g. resnet50.a1_in1k, hf-hub:...)")] = False,
+        help="timm's pretrained weights for the --teacher name (e.g. resnet50.a1_in1k, hf-hub:...)",
+        rich_help_panel=MODELS)] = False,
     teacher_image_size: Annotated[list[int] | None, typer.Option(
         help="the teacher's input size; it gets the student's images resized on the device; one for all "
-             "teachers or one per teacher [default: a pretrained timm teacher's own, a checkpoint's, else "
-             "the student's]")] = None,
-    feature_teacher: Annotated[int, typer.Option(
-        help="with several --teacher: the one (0 = the first) whose features feature methods read")] = 0,
-    student: Annotated[str | None, typer.Option(help="timm model name, cifar_* name, or kdcli checkpoint")] = None,
-    student_weights: Annotated[str | None, typer.Option(help="initial weights for a named student")] = None,
+             "teachers or one per teacher \\[default: a pretrained timm teacher's own, a checkpoint's, else "
+             "the student's]", rich_help_panel=MODELS)] = None,
+    student: Annotated[str | None, typer.Option(help="timm model name, cifar_* name, or kdcli checkpoint",
+                                                rich_help_panel=MODELS)] = None,
+    student_weights: Annotated[str | None, typer.Option(help="initial weights for a named student",
+                                                        rich_help_panel=MODELS)] = None,
     student_pretrained: Annotated[bool, typer.Option(
-        help="timm's pretrained weights for the --student name")] = False,
+        help="timm's pretrained weights for the --student name", rich_help_panel=MODELS)] = False,
     ignore_class_names: Annotated[bool, typer.Option(
-        help="use a teacher whose class names differ from the dataset's (same number of classes) as it is")] = False,
-    method: Annotated[str, typer.Option(help="distillation method (see `kdcli methods`)")] = "kd",
+        help="use a teacher whose class names differ from the dataset's (same number of classes) as it is",
+        rich_help_panel=MODELS)] = False,
+    method: Annotated[str, typer.Option(help="distillation method (see `kdcli methods`)",
+                                        rich_help_panel=METHOD)] = "kd",
     method_arg: Annotated[list[str] | None, typer.Option(
-        help="method argument KEY=VALUE (repeatable), e.g. T=2; namespaced when composed: at.beta=500")] = None,
+        help="method argument KEY=VALUE (repeatable), e.g. T=2; namespaced when composed: at.beta=500",
+        rich_help_panel=METHOD)] = None,
     student_stages: Annotated[str | None, typer.Option(
-        help="student feature stages for feature methods, e.g. 1,2,3 [default: the last 3]")] = None,
+        help="student feature stages for feature methods, e.g. 1,2,3 \\[default: the last 3]",
+        rich_help_panel=METHOD)] = None,
     teacher_stages: Annotated[str | None, typer.Option(
-        help="teacher feature stages, as many as the student's [default: the last 3]")] = None,
+        help="teacher feature stages, as many as the student's \\[default: the last 3]",
+        rich_help_panel=METHOD)] = None,
+    feature_teacher: Annotated[int, typer.Option(
+        help="with several --teacher: the one (0 = the first) whose features feature methods read",
+        rich_help_panel=METHOD)] = 0,
     dataset: Dataset = None,
-    out: Out = None,
+    image_column: ImageColumn = None,
+    label_column: LabelColumn = None,
+    train_split: TrainSplit = None,
+    eval_split: EvalSplit = None,
+    image_size: ImageSize = None,
+    num_classes: NumClasses = None,
+    augment: Augment = default("augment"),
+    streaming: Streaming = default("streaming"),
+    shuffle_buffer: ShuffleBuffer = default("shuffle_buffer"),
+    max_bad_fraction: MaxBad = default("max_bad_fraction"),
+    noise: Noise = None,
+    imbalance: Imbalance = None,
+    corruption_seed: CorruptionSeed = default("corruption_seed"),
+    class_order: ClassOrder = None,
     epochs: Epochs = default("epochs"),
     batch_size: BatchSize = default("batch_size"),
     lr: Lr = default("lr"),
     weight_decay: WeightDecay = default("weight_decay"),
     momentum: Momentum = default("momentum"),
+    opt: Opt = default("opt"),
+    no_decay_norm_bias: NoDecayNormBias = default("no_decay_norm_bias"),
     schedule: Schedule = default("schedule"),
+    decay_milestones: DecayMilestones = None,
+    decay_rate: DecayRate = default("decay_rate"),
+    warmup_epochs: WarmupEpochs = default("warmup_epochs"),
+    warmup_lr: WarmupLr = default("warmup_lr"),
+    min_lr: MinLr = default("min_lr"),
+    sched_on_updates: SchedOnUpdates = default("sched_on_updates"),
+    clip_grad: ClipGrad = None,
+    grad_accum: GradAccum = default("grad_accum"),
+    mixup: Mixup = default("mixup"),
+    cutmix: Cutmix = default("cutmix"),
+    label_smoothing: LabelSmoothing = default("label_smoothing"),
+    ema: Ema = None,
     seed: Seed = default("seed"),
     precision: Precision = default("precision"),
-    noise: Noise = None,
-    imbalance: Imbalance = None,
-    corruption_seed: CorruptionSeed = 0,
-    class_order: ClassOrder = None,
-    image_size: ImageSize = None,
-    num_classes: NumClasses = None,
-    streaming: Streaming = False,
-    shuffle_buffer: ShuffleBuffer = default("shuffle_buffer"),
-    augment: Augment = default("augment"),
+    channels_last: ChannelsLast = default("channels_last"),
+    compile: Compile = default("compile"),
     workers: Workers = None,
-    max_bad_fraction: MaxBad = default("max_bad_fraction"),
-    image_column: ImageColumn = None,
-    label_column: LabelColumn = None,
-    train_split: TrainSplit = None,
-    eval_split: EvalSplit = None,
+    out: Out = None,
+    config: Config = None,
     resume: Resume = None,
     overwrite: Overwrite = False,
     auto_resume: AutoResume = False,
@@ -204,30 +458,33 @@ def distill(
 ) -> None:
     """Distill a teacher into a student with a method from `kdcli methods` (or several: kd+at)."""
     values = dict(locals())
-    for k in ("resume", "overwrite", "auto_resume", "method_arg", "stop_after_epoch"):
-        values.pop(k)
+    control = {k: values.pop(k) for k in _CONTROL}
+    values.pop("method_arg")
     values.update(command="distill", method_args=_key_values(method_arg or []),
                   teacher_weights=[None if w == "-" else w for w in teacher_weights] if teacher_weights else None,
-                  student_stages=_int_list(student_stages, "--student-stages"),
-                  teacher_stages=_int_list(teacher_stages, "--teacher-stages"))
-    _run(values, resume, overwrite, auto_resume, ("teacher", "student", "dataset", "out"), stop_after_epoch)
+                  student_stages=_int_list(student_stages, "--student-stages", _INT_LISTS["student_stages"]),
+                  teacher_stages=_int_list(teacher_stages, "--teacher-stages", _INT_LISTS["teacher_stages"]),
+                  decay_milestones=_int_list(decay_milestones, "--decay-milestones", _INT_LISTS["decay_milestones"]))
+    _run(values, "distill", ("teacher", "student", "dataset", "out"), **control)
 
 
-def _int_list(text: str | None, option: str) -> list[int] | None:
-    if text is None:
+def _int_list(text: str | list[str] | tuple[str, ...] | None, label: str, example: str) -> list[int] | None:
+    """A comma-separated list of integers (a repeated option's values are joined: --x 1,2 --x 3 is 1,2,3)."""
+    if not text:
         return None
+    text = text if isinstance(text, str) else ",".join(text)
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise KdcliError(f"{option} {text!r} is not a comma-separated list of stage indices, e.g. 1,2,3") from None
+        raise KdcliError(f"{label} {text!r} is not a comma-separated list of {example}") from None
 
 
-def _key_values(items: list[str]) -> dict[str, str]:
+def _key_values(items: list[str], label: str = "--method-arg") -> dict[str, str]:
     out = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, value = str(item).partition("=")
         if not sep or not key.strip():
-            raise KdcliError(f"--method-arg {item!r} is not KEY=VALUE")
+            raise KdcliError(f"{label} {item!r} is not KEY=VALUE")
         out[key.strip()] = value.strip()
     return out
 
@@ -235,26 +492,32 @@ def _key_values(items: list[str]) -> dict[str, str]:
 @app.command()
 def evaluate(
     checkpoint: Annotated[str, typer.Argument(help="a kdcli checkpoint (model.safetensors)")],
-    dataset: Annotated[str, typer.Option(help="dataset to evaluate on (as for train)")],
-    split: Annotated[str | None, typer.Option(help="split [default: test/validation/valid]")] = None,
+    dataset: Annotated[str, typer.Option(help="dataset to evaluate on (as for train)", rich_help_panel=DATA)],
+    split: Annotated[str | None, typer.Option(help="split \\[default: test/validation/valid]",
+                                              rich_help_panel=DATA)] = None,
     teacher: Annotated[list[str] | None, typer.Option(
-        help="compare with this teacher (agreement, KL, its own top-1); repeat for an ensemble")] = None,
+        help="compare with this teacher (agreement, KL, its own top-1); repeat for an ensemble",
+        rich_help_panel=MODELS)] = None,
     teacher_weights: Annotated[list[str] | None, typer.Option(
-        help="weights for a named teacher; with several, one per teacher ('-' for none)")] = None,
-    batch_size: Annotated[int, typer.Option(help="batch size", min=1)] = 128,
+        help="weights for a named teacher; with several, one per teacher ('-' for none)",
+        rich_help_panel=MODELS)] = None,
+    batch_size: Annotated[int, typer.Option(help="batch size", min=1, rich_help_panel=SPEED)] = 128,
     image_column: ImageColumn = None,
     label_column: LabelColumn = None,
     precision: Precision = "fp32",
     workers: Workers = None,
     max_bad_fraction: MaxBad = default("max_bad_fraction"),
     ignore_class_names: Annotated[bool, typer.Option(
-        help="use a checkpoint whose class names differ from the dataset's (same count) as it is")] = False,
+        help="use a checkpoint whose class names differ from the dataset's (same count) as it is",
+        rich_help_panel=MODELS)] = False,
     noise: Annotated[str | None, typer.Option(
-        help="evaluate on a noisy copy of the split (like train's --noise)")] = None,
-    imbalance: Annotated[str | None, typer.Option(help="evaluate on an imbalanced copy of the split")] = None,
+        help="evaluate on a noisy copy of the split (like train's --noise)", rich_help_panel=CORRUPTION)] = None,
+    imbalance: Annotated[str | None, typer.Option(help="evaluate on an imbalanced copy of the split",
+                                                  rich_help_panel=CORRUPTION)] = None,
     corruption_seed: CorruptionSeed = 0,
     class_order: ClassOrder = None,
-    out: Annotated[Path | None, typer.Option(help="write the metrics as JSON to this file")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the metrics as JSON to this file",
+                                             rich_help_panel=OUTPUT)] = None,
 ) -> None:
     """Evaluate a checkpoint: top-1, top-5, NLL, ECE, per-class top-1, agreement with a teacher."""
     from kdcli.engine import loop
@@ -295,14 +558,15 @@ def evaluate(
 
 @app.command("corrupt-dataset")
 def corrupt_dataset(
-    dataset: Annotated[str, typer.Option(help="source dataset (as for train)")],
-    out: Annotated[Path, typer.Option(help="folder to write: parquet splits + manifest.json")],
+    dataset: Annotated[str, typer.Option(help="source dataset (as for train)", rich_help_panel=DATA)],
+    out: Annotated[Path, typer.Option(help="folder to write: parquet splits + manifest.json",
+                                      rich_help_panel=OUTPUT)],
     noise: Noise = None,
     imbalance: Imbalance = None,
     corruption_seed: CorruptionSeed = 0,
     class_order: ClassOrder = None,
     split: Annotated[str | None, typer.Option(
-        "--split", "--train-split", help="split to corrupt [default: train]")] = None,
+        "--split", "--train-split", help="split to corrupt \\[default: train]", rich_help_panel=DATA)] = None,
     eval_split: EvalSplit = None,
     image_column: ImageColumn = None,
     label_column: LabelColumn = None,

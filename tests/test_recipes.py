@@ -219,7 +219,8 @@ def test_no_decay_norm_bias_groups_and_unknown_optimizer(tmp_path):
     assert no_wd and all(p.ndim <= 1 for p in no_wd)
     default = loop.build(_cfg(tempfile.mkdtemp()))
     assert len(default.optimizer.param_groups) == 1 and default.optimizer.param_groups[0]["weight_decay"] == 5e-4
-    assert type(default.optimizer.optimizer) is torch.optim.SGD and default.optimizer.param_groups[0]["nesterov"] is False
+    assert type(default.optimizer.optimizer) is torch.optim.SGD
+    assert default.optimizer.param_groups[0]["nesterov"] is False
     with pytest.raises(KdcliError, match="--opt nosuch"):
         loop.build(_cfg(tempfile.mkdtemp(), opt="nosuch"))
 

@@ -200,8 +200,10 @@ def _training(report: Report) -> list[str]:
         lines.append(f"- Corruption seed: {corruption.get('seed')}")
     epochs = cfg.get("epochs", len([h for h in report.history if h.stage == "train"]))
     lines.append(f"- Epochs: {epochs}; seed: {cfg.get('seed')}")
-    optim = [f"{k.replace('_', ' ')} {cfg[k]}" for k in ("batch_size", "lr", "weight_decay", "momentum", "schedule",
-                                                        "precision") if k in cfg]
+    optim = [f"{k.replace('_', ' ')} {cfg[k]}" for k in ("opt", "batch_size", "grad_accum", "lr", "weight_decay",
+                                                        "momentum", "schedule", "warmup_epochs", "mixup", "cutmix",
+                                                        "label_smoothing", "ema", "precision")
+             if k in cfg and (cfg[k] not in (None, 0, 1) or k in ("batch_size", "lr", "schedule", "precision"))]
     if optim:
         lines.append(f"- Optimisation: {', '.join(optim)}")
     env = report.environment
