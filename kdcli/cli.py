@@ -94,6 +94,17 @@ Precision = Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (mixed precisio
 ChannelsLast = Annotated[bool, typer.Option(help="channels-last memory format for the models and their inputs",
                                             rich_help_panel=SPEED)]
 Compile = Annotated[bool, typer.Option(help="torch.compile the student and the teacher", rich_help_panel=SPEED)]
+TeacherCache = Annotated[str | None, typer.Option(
+    help="store the teacher's logits per (training row, view) in this folder and reuse them: logit methods then "
+         "skip the teacher's forward (filled on the first pass, or ahead by `kdcli cache-teacher`)",
+    rich_help_panel=SPEED)]
+CacheViews = Annotated[int, typer.Option(
+    help="with random augmentation: K views per image, epoch e trains on view e mod K (teacher and student see the "
+         "same image); without augmentation one view is exact", rich_help_panel=SPEED)]
+CacheTopk = Annotated[int | None, typer.Option(
+    help="store only the K largest logits and the log-sum-exp of the rest (many classes)", rich_help_panel=SPEED)]
+CacheDtype = Annotated[str, typer.Option(help="float16 | float32 storage of the cached logits",
+                                         rich_help_panel=SPEED)]
 Workers = Annotated[int | None, typer.Option(help="data-loading processes \\[default: 0 for built-ins, else 8]",
                                              rich_help_panel=SPEED)]
 # corruption
@@ -448,6 +459,10 @@ def distill(
     precision: Precision = default("precision"),
     channels_last: ChannelsLast = default("channels_last"),
     compile: Compile = default("compile"),
+    teacher_cache: TeacherCache = None,
+    cache_views: CacheViews = default("cache_views"),
+    cache_topk: CacheTopk = None,
+    cache_dtype: CacheDtype = default("cache_dtype"),
     workers: Workers = None,
     out: Out = None,
     config: Config = None,

@@ -76,6 +76,11 @@ class RunConfig(BaseModel):
     ema: float | None = Field(None, gt=0, lt=1)  # decay of an exponential moving average of the student (timm)
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # teacher cache: the teacher's logits per (row, view) in a folder, so logit methods skip the teacher's forward
+    teacher_cache: str | None = None
+    cache_views: int = Field(1, ge=1)  # views of random augmentation: epoch e trains on view e mod K
+    cache_topk: int | None = Field(None, ge=1)  # store the top-k logits and the rest's log-sum-exp only
+    cache_dtype: Literal["float16", "float32"] = "float16"
     # speed
     channels_last: bool = False
     compile: bool = False  # torch.compile the student and the teacher

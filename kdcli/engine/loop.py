@@ -176,7 +176,9 @@ def _epoch(sess: Session, epoch: int, pos: res.Position, started: float, progres
         skipped.merge(partial.skipped)
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
-    sess.data.set_epoch(epoch)
+    if sess.cache is not None:  # a cached run trains epoch e on view e mod K: the images its logits are of
+        sess.cache_view = sess.cache.view_of(epoch)
+    sess.data.set_epoch(sess.cache_view if sess.cache is not None else epoch)
     t0 = time.time()
     try:
         steps = len(sess.train_loader)
@@ -352,6 +354,7 @@ def _report(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | Non
         metrics=rep.MetricsBlock(final=metrics, best=best),
         ema=_ema_info(sess, out, history, ema_metrics),
         effective_batch=cfg.batch_size * cfg.grad_accum * sess.accelerator.num_processes,
+        teacher_cache=sess.cache.report() if sess.cache is not None else None,
         history=history,
         timing=rep.Timing(total_seconds=total, train_images_per_s=images / train_seconds if train_seconds else 0.0),
     )

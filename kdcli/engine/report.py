@@ -143,6 +143,8 @@ class Report(BaseModel):
     ema: EmaInfo | None = None
     effective_batch: int | None = Field(None, description="examples per optimizer update: batch size × "
                                                           "--grad-accum × processes")
+    teacher_cache: dict[str, Any] | None = Field(None, description="the --teacher-cache used: path, views, storage, "
+                                                                 "hits, misses, hit rate, and what it is keyed by")
     history: list[EpochRecord]
     timing: Timing
 

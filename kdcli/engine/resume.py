@@ -107,6 +107,9 @@ def save(sess: Session, out: Path, pos: Position, started: float) -> None:
     tag = f"{pos.epoch}" if pos.partial is None else f"{pos.partial.epoch}.{pos.partial.step}"
     path = d
     try:
+        if sess.cache is not None:  # the teacher's logits computed so far (every process, merged under a lock)
+            path = sess.cache.root
+            sess.cache.flush()
         d.mkdir(parents=True, exist_ok=True)
         if pos.partial is not None:
             path = d / f"rng-{tag}-{acc.process_index}.pt"
@@ -124,7 +127,8 @@ def save(sess: Session, out: Path, pos: Position, started: float) -> None:
                     "history": [h.model_dump() for h in pos.history],
                     "best": pos.best.model_dump() if pos.best else None, "elapsed": time.time() - started,
                     "partial": pos.partial.to_json() if pos.partial else None, "skipped": pos.skipped,
-                    "files": files}
+                    "files": files,
+                    "cache_counts": [sess.cache.hits, sess.cache.misses] if sess.cache is not None else None}
         path = d / PROGRESS_FILE
         ckpt.write_text_atomic(path, json.dumps(progress, indent=1))
     except OSError as e:
@@ -154,6 +158,8 @@ def load(sess: Session, out: Path) -> Position:
             raise KdcliError(f"{out} was interrupted mid-epoch with {len(rng_files)} processes; resume it with "
                              f"the same number (not {sess.accelerator.num_processes})")
         partial.rng = torch.load(d / rng_files[sess.accelerator.process_index], weights_only=True)
+    if sess.cache is not None and progress.get("cache_counts"):
+        sess.cache.hits, sess.cache.misses = progress["cache_counts"]
     return Position(epoch=progress["epoch"], history=[rep.EpochRecord(**h) for h in progress["history"]],
                     best=rep.Best(**progress["best"]) if progress["best"] else None,
                     elapsed=progress["elapsed"], partial=partial, skipped=progress.get("skipped"))

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 
@@ -113,6 +114,8 @@ class Session:
     mixer: recipe.Mixer | None = None  # soft targets: mixup, cutmix, label smoothing
     ema: object = None  # timm.utils.ModelEmaV3 of the student, when --ema
     trained: list = field(default_factory=list)  # the modules the optimizer trains (prepared)
+    cache: object = None  # engine.cache.TeacherCache, when --teacher-cache
+    cache_view: int = 0  # the view of the epoch in progress
 
     @property
     def device(self) -> torch.device:
@@ -142,6 +145,8 @@ class Session:
             t = None
             if self.online:
                 t = self.teacher(images, self.needs)  # a peer: it learns from its own terms
+            elif self.cache is not None:
+                t = self.cached_teacher(images, index)
             elif self.teacher is not None and self.uses_teacher:
                 # teacher first: its activations are freed before the student's graph is built
                 with torch.inference_mode():
@@ -168,6 +173,25 @@ class Session:
                 if self.ema is not None:
                     self.ema.update(self.unwrapped_student())
         return {k: v.detach() for k, v in terms.items()}
+
+    def cached_teacher(self, images: torch.Tensor, index: torch.Tensor) -> methods.Outputs:
+        """The teacher's outputs from the cache: rows not stored yet in this epoch's view are computed (the
+        teacher's forward on those images only) and stored."""
+        logits, known = self.cache.lookup(index, self.cache_view)
+        if not bool(known.all()):
+            missing = (~known).nonzero().flatten()
+            with torch.inference_mode():
+                out = self.teacher(images[missing.to(images.device)], frozenset({"logits"}))
+            rows = index.detach().cpu()[missing]
+            self.cache.store(rows, self.cache_view, torch.stack(out.members or [out.logits], dim=1))
+            # read back as stored (float16, top-k), so the first epoch trains on what later ones will
+            logits[missing] = self.cache.lookup(rows, self.cache_view, count=False)[0]
+        logits = logits.to(self.device)
+        members = [logits[:, m] for m in range(logits.shape[1])]
+        if len(members) == 1:
+            return methods.Outputs(logits=members[0])
+        mix = torch.logsumexp(torch.stack([torch.log_softmax(z, dim=1) for z in members]), dim=0)
+        return methods.Outputs(logits=mix - math.log(len(members)), members=members)
 
     @torch.no_grad()
     def evaluate(self, peer: bool = False, ema: bool = False) -> rep.Metrics:
@@ -264,6 +288,16 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
                          "--mixup, --cutmix or --label-smoothing")
     if cfg.compile:
         recipe.check_compile(accelerator.device)
+    if cfg.teacher_cache:
+        if not mspec.cacheable:
+            raise KdcliError(f"--method {cfg.method} cannot use --teacher-cache: it needs more of the teacher than its "
+                             "logits on the batch (features, its own forward passes, or a teacher that trains); "
+                             "logit methods (kd, dkd, dist, lskd, nkd) and their sums can")
+        if cfg.mixup or cfg.cutmix:
+            raise KdcliError("--teacher-cache cannot serve --mixup/--cutmix: the teacher's logits of a mixed image are "
+                             "not the mix of its logits; drop one of them")
+        if cfg.streaming:
+            raise KdcliError("--teacher-cache stores logits by training row: it needs map-style data; drop --streaming")
     data = open_run_data(cfg)
     if "index" in mspec.needs and data.train_labels() is None:
         raise KdcliError(f"--method {cfg.method} keeps a memory per training example, indexed by its row: it needs "
@@ -357,6 +391,7 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
         batches = max(1, -(-(data.num_train or cfg.batch_size) // (cfg.batch_size * world)))
     updates = max(1, -(-batches // cfg.grad_accum))
     scheduler = recipe.make_scheduler(cfg, optimizer, updates)
+    cache = open_cache(cfg, data, teacher_infos, teacher) if cfg.teacher_cache else None
     ema = None
     if cfg.ema:
         from timm.utils import ModelEmaV3
@@ -369,6 +404,30 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
                    warmup_epochs=accelerator.unwrap_model(method).warmup_epochs(cfg.epochs),
                    scheduler=scheduler, updates_per_epoch=updates,
                    mixer=recipe.Mixer(cfg, data.num_classes) if cfg.soft_targets else None, ema=ema,
-                   trained=trained)
+                   trained=trained, cache=cache)
 
 
+
+
+def open_cache(cfg: RunConfig, data: DataBundle, teacher_infos: list[models.Loaded], teacher) -> object:
+    """The run's teacher cache, keyed by everything the stored logits depend on: a mismatch is one clear line."""
+    from pathlib import Path
+
+    from kdcli.engine.cache import TeacherCache, weights_sha256
+    from kdcli.models import checkpoint as ckpt
+
+    shas = [ckpt.sha256(Path(t.path)) if t.path else weights_sha256(t.model.net) for t in teacher_infos]
+    augment = data.augment
+    labels = data.train_labels()
+    key = {
+        "teachers": shas, "teacher_input": [t.model.meta.input_size for t in teacher_infos],
+        "dataset": cfg.dataset, "train_split": data.train_split,
+        "fingerprint": getattr(data._train, "_fingerprint", None),  # a datasets.Dataset's content hash
+        "noise": cfg.noise, "imbalance": cfg.imbalance, "corruption_seed": cfg.corruption_seed,
+        "class_order": cfg.class_order,
+        "augment": augment, "image_size": data.image_size, "interpolation": data.interpolation,
+        "crop_pct": data.crop_pct, "seed": cfg.seed if augment != "none" else None,
+    }
+    views = cfg.cache_views if augment != "none" else 1  # without random augmentation one view is every epoch's
+    return TeacherCache(Path(cfg.teacher_cache), key, rows=len(labels), teachers=len(teacher_infos),
+                        classes=data.num_classes, views=views, dtype=cfg.cache_dtype, topk=cfg.cache_topk)

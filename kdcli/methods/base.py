@@ -306,6 +306,14 @@ class MethodSpec:
     def soft_targets(self) -> bool:
         return all(cls.soft_targets for cls, _ in self.parts)
 
+    @property
+    def cacheable(self) -> bool:
+        """Whether the teacher's stored logits can stand for its forward pass (``--teacher-cache``): every part
+        reads only the teacher's logits on the batch, neither running the teacher itself nor training it."""
+        return self.uses_teacher and all(
+            not cls.uses_teacher or (cls.needs <= {"logits"} and not cls.online and cls.teachers != "no")
+            for cls, _ in self.parts)
+
     def resolved_args(self) -> dict[str, object]:
         if len(self.parts) == 1:
             return self.parts[0][1].model_dump()
