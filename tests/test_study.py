@@ -412,3 +412,17 @@ def test_ctrl_c_leaves_a_study_that_the_same_command_finishes(tmp_path, monkeypa
     kdcli("study", spec, "--out", tmp_path / "o")
     assert "3 runs, 2 finished, 0 to resume, 1 to start" in capsys.readouterr().out
     assert json.loads((tmp_path / "o" / "results.json").read_text())["missing"] == []
+
+
+def test_a_study_shares_one_teacher_cache_per_teacher_and_cell_among_logit_students(tmp_path):
+    s = study_spec.parse({"dataset": "synthetic:8:4:64", "pairs": [{"teacher": "cifar_resnet14",
+                                                                     "student": "cifar_resnet8"}],
+                          "methods": ["kd", "dkd", "at"], "seeds": [0, 1], "teacher_cache": True,
+                          "options": {"epochs": 1}})
+    runs = plan.plan(s, tmp_path)
+    by = {(r.method, r.seed): r for r in runs if r.role == "student" and r.method != "ce"}
+    assert by[("kd", 0)].cfg.teacher_cache == by[("dkd", 0)].cfg.teacher_cache  # shared within a cell
+    assert by[("kd", 0)].cfg.teacher_cache != by[("kd", 1)].cfg.teacher_cache  # not across cells (seeds)
+    assert by[("kd", 0)].cfg.teacher_cache.endswith("teacher-cache-cifar_resnet14")
+    assert by[("at", 0)].cfg.teacher_cache is None  # a feature method reads the teacher itself
+    assert "--teacher-cache" in plan.command_line(by[("kd", 0)].cfg)

@@ -12,6 +12,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdcli import methods
 from kdcli.config import RunConfig, default, make_config
 from kdcli.errors import KdcliError
 from kdcli.study.spec import StudySpec
@@ -19,7 +20,7 @@ from kdcli.study.spec import StudySpec
 MODEL_FILE = "model.safetensors"
 LOG_FILE = "log.txt"
 # the config keys that differ between two copies of one study (paths) and say nothing about the run
-PATH_KEYS = ("out", "teacher")
+PATH_KEYS = ("out", "teacher", "teacher_cache")
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,12 @@ def plan(spec: StudySpec, out: Path) -> list[Run]:
                         m_out = folder / f"{slug(method)}-{slug(t_name)}-{slug(s_name)}"
                         if m_out in runs:
                             continue
-                        cfg = _config(base, command="distill", teacher=[str(t.out / MODEL_FILE) for t in teachers],
-                                      student=pair.student,
+                        cache = {}
+                        if spec.teacher_cache and _cacheable(method):
+                            # one cache per teacher (ensemble) and cell: every logit student of it reads the same
+                            cache = {"teacher_cache": str(folder / f"teacher-cache-{slug(t_name)}")}
+                        cfg = _config(base | cache, command="distill",
+                                      teacher=[str(t.out / MODEL_FILE) for t in teachers], student=pair.student,
                                       method=method, out=m_out,
                                       method_args={k: str(v) for k, v in spec.method_args.get(method, {}).items()})
                         runs[m_out] = Run(cfg, role="student", method=method, arch=s_name, teacher_arch=t_name,
@@ -125,6 +130,13 @@ def plan(spec: StudySpec, out: Path) -> list[Run]:
                         students.append(runs[m_out])
     ordered = [r for r in runs.values() if not r.needs]
     return ordered + students
+
+
+def _cacheable(method: str) -> bool:
+    try:
+        return methods.spec(method).cacheable
+    except KdcliError:  # an unknown method: check() names it
+        return False
 
 
 def _config(values: dict, **fixed) -> RunConfig:

@@ -18,7 +18,8 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 CLEAN = ("none", "clean", "0", "")
 # RunConfig fields the grid itself sets: not allowed under ``options``
 GRID_FIELDS = frozenset({"command", "student", "student_weights", "teacher", "teacher_weights", "method",
-                         "method_args", "dataset", "noise", "imbalance", "seed", "corruption_seed", "out"})
+                         "method_args", "dataset", "noise", "imbalance", "seed", "corruption_seed", "out",
+                         "teacher_cache"})
 
 
 class Pair(BaseModel):
@@ -58,6 +59,8 @@ class StudySpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="run options shared by every run")
     teacher_options: dict[str, Any] = Field(default_factory=dict, description="overrides for teacher runs")
     method_args: dict[str, dict[str, Any]] = Field(default_factory=dict, description="method → {KEY: VALUE}")
+    teacher_cache: bool = Field(False, description="one teacher cache per teacher and cell, shared by every student "
+                                                   "of a logit method (--teacher-cache)")
 
     @field_validator("dataset", mode="before")
     @classmethod
