@@ -483,6 +483,72 @@ def distill(
     _run(values, "distill", ("teacher", "student", "dataset", "out"), **control)
 
 
+@app.command("cache-teacher")
+def cache_teacher(
+    teacher: Annotated[list[str] | None, typer.Option(
+        help="timm model name, cifar_* name, or kdcli checkpoint; repeat for an ensemble (as for distill)",
+        rich_help_panel=MODELS)] = None,
+    teacher_weights: Annotated[list[str] | None, typer.Option(
+        help="weights for a named teacher; with several --teacher, one per teacher ('-' for none)",
+        rich_help_panel=MODELS)] = None,
+    teacher_pretrained: Annotated[bool, typer.Option(
+        help="timm's pretrained weights for the --teacher name", rich_help_panel=MODELS)] = False,
+    teacher_image_size: Annotated[list[int] | None, typer.Option(
+        help="the teacher's input size (one for all teachers or one per teacher), as for distill",
+        rich_help_panel=MODELS)] = None,
+    student: Annotated[str | None, typer.Option(
+        help="the student of the runs to come: its input size decides the images' size",
+        rich_help_panel=MODELS)] = None,
+    student_pretrained: Annotated[bool, typer.Option(
+        help="as distill's (a pretrained timm student brings its own input size)", rich_help_panel=MODELS)] = False,
+    ignore_class_names: Annotated[bool, typer.Option(
+        help="use a teacher whose class names differ from the dataset's as it is (as for distill)",
+        rich_help_panel=MODELS)] = False,
+    dataset: Dataset = None,
+    image_column: ImageColumn = None,
+    label_column: LabelColumn = None,
+    train_split: TrainSplit = None,
+    eval_split: EvalSplit = None,
+    image_size: ImageSize = None,
+    num_classes: NumClasses = None,
+    augment: Augment = default("augment"),
+    noise: Noise = None,
+    imbalance: Imbalance = None,
+    corruption_seed: CorruptionSeed = default("corruption_seed"),
+    class_order: ClassOrder = None,
+    seed: Annotated[int, typer.Option(help="random seed of the runs to come (it picks the augmentation)",
+                                      rich_help_panel=DATA)] = default("seed"),
+    teacher_cache: Annotated[str | None, typer.Option(
+        help="the cache folder to fill (then give it to distill as --teacher-cache)", rich_help_panel=OUTPUT)] = None,
+    cache_views: CacheViews = default("cache_views"),
+    cache_topk: CacheTopk = None,
+    cache_dtype: CacheDtype = default("cache_dtype"),
+    batch_size: Annotated[int, typer.Option(help="images per teacher forward", rich_help_panel=SPEED)] = 128,
+    precision: Precision = default("precision"),
+    jobs: Annotated[int | None, typer.Option(
+        help="data-loading worker processes \\[default: 0 for built-ins, else 8]", rich_help_panel=SPEED)] = None,
+) -> None:
+    """Fill a --teacher-cache ahead of training: the teacher's logits of every training row in every view.
+
+    Give the options of the distill runs that will use it (teacher, student, data, corruption, augmentation,
+    seed, cache options). Interrupted, it keeps what it stored: run it again to fill the rest.
+    """
+    values = dict(locals())
+    from kdcli.engine.fill import fill_cache
+
+    if jobs is not None and jobs < 0:
+        raise KdcliError(f"invalid --jobs {jobs}: must be 0 (load in this process) or more")
+    values.pop("jobs")
+    missing = [_flag(k) for k in ("teacher", "student", "dataset", "teacher_cache") if not values[k]]
+    if missing:
+        raise KdcliError(f"missing option {', '.join(missing)}")
+    values.update(command="distill", method="kd", out=".",
+                  teacher_weights=[None if w == "-" else w for w in teacher_weights] if teacher_weights else None)
+    cfg = make_config(**values)
+    result = fill_cache(cfg, jobs=jobs, console=console)
+    console.print(result.line(), highlight=False, soft_wrap=True)
+
+
 def _int_list(text: str | list[str] | tuple[str, ...] | None, label: str, example: str) -> list[int] | None:
     """A comma-separated list of integers (a repeated option's values are joined: --x 1,2 --x 3 is 1,2,3)."""
     if not text:

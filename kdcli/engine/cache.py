@@ -71,17 +71,23 @@ class TeacherCache:
         if path.is_file():
             try:
                 theirs = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
+                if not isinstance(theirs, dict):
+                    raise ValueError(f"expected a JSON object, got {type(theirs).__name__}")
+            except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
                 raise KdcliError(f"--teacher-cache {self.root}: unreadable {MANIFEST} ({e}); delete the "
                                  "folder") from None
             if theirs != mine:
-                flat_a = {**theirs.get("key", {}), **{k: v for k, v in theirs.items() if k != "key"}}
-                flat_b = {**mine["key"], **{k: v for k, v in mine.items() if k != "key"}}
-                diff = ", ".join(_first_difference(flat_a, flat_b)[:4])
+                # the key's fields, then the storage's (kept apart: "teachers" is the key's sha256 list and the
+                # storage's count, and a merged dict would name neither when only the shas differ)
+                key_a = theirs.get("key") if isinstance(theirs.get("key"), dict) else {}
+                rest_a = {k: v for k, v in theirs.items() if k != "key"}
+                rest_b = {k: v for k, v in mine.items() if k != "key"}
+                names = _first_difference(key_a, mine["key"]) + _first_difference(rest_a, rest_b)
+                diff = ", ".join(list(dict.fromkeys(names))[:4])
                 raise KdcliError(f"--teacher-cache {self.root} holds logits of another teacher, data or recipe "
                                  f"(differs in: {diff}); give another folder, or delete this one")
             return
-        if self.root.exists() and any(self.root.iterdir()):
+        if self.root.exists() and any(not f.name.startswith(".") for f in self.root.iterdir()):
             raise KdcliError(f"--teacher-cache {self.root} is a folder with other files and no {MANIFEST}; give an "
                              "empty or new folder")
         try:
@@ -116,6 +122,11 @@ class TeacherCache:
     def filled(self, view: int) -> int:
         return int(self._load(view)["filled"].sum())
 
+    def known(self, view: int) -> torch.Tensor:
+        """(rows,) bool: the rows of ``view`` whose logits are stored (in memory: this run's and what was on disk
+        when the view was first read or last flushed)."""
+        return self._load(view)["filled"].bool()
+
     def lookup(self, index: torch.Tensor, view: int, count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, teachers, classes) float32, with zeros where not known; known (B,) bool)."""
         data = self._load(view)
@@ -130,6 +141,7 @@ class TeacherCache:
         others = self.classes - self.topk  # each other class gets an equal share of the rest's probability mass
         logits = (rest - math.log(others)).unsqueeze(-1).expand(*where.shape[:2], self.classes).clone()
         logits.scatter_(2, where, values)
+        logits[~known] = 0.0  # as documented (an unfilled row's zeros would otherwise read as uniform logits)
         return logits, known
 
     def store(self, index: torch.Tensor, view: int, logits: torch.Tensor) -> None:

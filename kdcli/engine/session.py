@@ -352,6 +352,8 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     workers = cfg.workers if cfg.workers is not None else default_workers(data)
     rank, world = accelerator.process_index, accelerator.num_processes
     train_ds = data.train_dataset(rank, world)
+    if cfg.teacher_cache:
+        train_ds = ViewEpochs(train_ds, cache_views(cfg, data))
     streaming = isinstance(train_ds, IterableDataset)
     drop_last = not streaming and data.num_train is not None and data.num_train >= cfg.batch_size * world
     train_loader = make_loader(data, train_ds, cfg.batch_size, workers, shuffle=not streaming, drop_last=drop_last)
@@ -427,7 +429,35 @@ def open_cache(cfg: RunConfig, data: DataBundle, teacher_infos: list[models.Load
         "class_order": cfg.class_order,
         "augment": augment, "image_size": data.image_size, "interpolation": data.interpolation,
         "crop_pct": data.crop_pct, "seed": cfg.seed if augment != "none" else None,
+        "precision": cfg.precision,  # a bf16 teacher's logits are not an fp32 one's
     }
-    views = cfg.cache_views if augment != "none" else 1  # without random augmentation one view is every epoch's
     return TeacherCache(Path(cfg.teacher_cache), key, rows=len(labels), teachers=len(teacher_infos),
-                        classes=data.num_classes, views=views, dtype=cfg.cache_dtype, topk=cfg.cache_topk)
+                        classes=data.num_classes, views=cache_views(cfg, data), dtype=cfg.cache_dtype,
+                        topk=cfg.cache_topk)
+
+
+def cache_views(cfg: RunConfig, data: DataBundle) -> int:
+    """Views of a teacher cache: --cache-views, or one without random augmentation (one view is every epoch's)."""
+    return cfg.cache_views if data.augment != "none" else 1
+
+
+class ViewEpochs(torch.utils.data.Dataset):
+    """The training split of a cached run: epoch e draws view e mod ``views``, the images the cache's logits are of.
+
+    The loop sets the data's epoch to the view, but accelerate's DataLoader also passes the real epoch to its
+    dataset's ``set_epoch`` when an iteration starts (after the loop's call): here that epoch becomes the view."""
+
+    def __init__(self, dataset, views: int):
+        self.dataset, self.views = dataset, views
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch % self.views)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]):
+        return self.dataset.__getitems__(indices)
