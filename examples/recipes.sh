@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The field's training recipe against a modern one, for the same teacher, student and epochs, on real data:
 #   field:  SGD 0.05 with momentum, weight decay 5e-4 on every parameter, cosine (RepDistiller's CIFAR recipe)
-#   modern: AdamW 2e-3, weight decay 0.05 off norms and biases, 2 warm-up epochs, cosine, mixup 0.8 (the teacher
+#   modern: AdamW 2e-3, weight decay 0.05 off norms and biases, 2 warm-up epochs, cosine per update, mixup 0.8 (the teacher
 #           sees the same mixed images: Beyer et al.'s "consistent" teaching), EMA of the student (decay 0.998)
 # Each recipe trains a CE student and a KD student from one teacher (trained once, with the field's recipe).
 #
@@ -17,7 +17,7 @@ SPLIT=${SPLIT:-train[:10000]}; AUGMENT=${AUGMENT:-cifar}
 COMMON=(--dataset "$DATA" --train-split "$SPLIT" --augment "$AUGMENT" --epochs "$EPOCHS" --batch-size 64
         --auto-resume)
 FIELD=(--opt momentum --lr 0.05 --weight-decay 5e-4 --sched cosine)
-MODERN=(--opt adamw --lr 0.002 --weight-decay 0.05 --no-decay-norm-bias --warmup-epochs 2 --sched cosine
+MODERN=(--opt adamw --lr 0.002 --weight-decay 0.05 --no-decay-norm-bias --warmup-epochs 2 --sched cosine --sched-on-updates
         --mixup 0.8 --ema 0.998)
 
 start=$(date +%s)

@@ -691,7 +691,11 @@ def study(
     spec: Annotated[Path | None, typer.Argument(help="study spec, YAML or TOML (or use --preset)")] = None,
     out: Annotated[Path | None, typer.Option(help="study folder: runs/, results.json/.csv/.md, plots/")] = None,
     preset: Annotated[str | None, typer.Option(
-        help="a built-in spec: digits-noise | digits-imbalance | cifar10-noise")] = None,
+        help="a built-in spec: digits-noise | digits-imbalance | cifar10-noise[-cpu] | cifar10-imbalance[-cpu] "
+             "(`kdcli study --preset NAME --dataset PATH`)")] = None,
+    dataset: Annotated[list[str] | None, typer.Option(
+        help="the spec's dataset(s) replaced by this (repeatable): your copy of the data, e.g. CIFAR-10 in the hub "
+             "layout for the cifar10 presets")] = None,
     jobs: Annotated[int, typer.Option(help="runs at a time, each in its own process")] = 1,
     print_commands: Annotated[bool, typer.Option(
         help="print one `kdcli …` line per run that can start now (for any scheduler), and run nothing")] = False,
@@ -710,7 +714,7 @@ def study(
         raise KdcliError(f"invalid --jobs {jobs}: must be at least 1")
     if out.exists() and not out.is_dir():
         raise KdcliError(f"--out {out} exists and is not a folder")
-    parsed, text = study_spec.load(spec, preset)
+    parsed, text = study_spec.load(spec, preset, dataset)
     runs = plan.plan(parsed, out)
     plan.check(parsed, runs)
     if print_commands:

@@ -26,6 +26,7 @@ from kdcli.engine import recipe, rundir
 from kdcli.engine import report as rep
 from kdcli.engine import resume as res
 from kdcli.engine.evaluate import data_info, evaluate_checkpoint, model_info
+from kdcli.engine.metrics import train_class_counts, with_shots
 from kdcli.engine.progress import EpochProgress
 from kdcli.engine.rundir import EMA_FILE, MODEL_FILE, PEER_FILE, REPORT_FILE, RESUME_DIR, resumed_config
 from kdcli.engine.session import (
@@ -331,6 +332,9 @@ def _report(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | Non
             ema_metrics: rep.Metrics | None = None) -> rep.Report:
     cfg = sess.cfg
     mspec = methods.spec(cfg.method, cfg.method_args)
+    # the training class counts as trained: the many/medium/few-shot groups of every metrics block
+    counts = train_class_counts(sess.data.train_labels(), sess.data.num_classes)
+    metrics, peer_metrics, ema_metrics = (with_shots(m, counts) for m in (metrics, peer_metrics, ema_metrics))
     peer = None
     if sess.online:
         peer = rep.PeerInfo(model=rep.ModelInfo(**{**model_info(sess.teacher_info).model_dump(),
@@ -343,7 +347,8 @@ def _report(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | Non
     report = rep.Report(
         command=cfg.command, created=rep.now(), config=cfg.model_dump(),
         environment=rep.environment(str(sess.device), sess.accelerator.num_processes, cfg.precision),
-        data=data_info(sess.data, sess.corruption, {**(skipped or {}), "eval": sess.eval_skipped}),
+        data=data_info(sess.data, sess.corruption, {**(skipped or {}), "eval": sess.eval_skipped}).model_copy(
+            update={"train_class_counts": counts}),
         teacher=model_info(sess.teacher_info) if sess.teacher_info else None,
         teachers=[model_info(t) for t in sess.teacher_infos] or None,
         student=rep.ModelInfo(**{**model_info(sess.student_info).model_dump(), "source": sess.student_info.source,

@@ -1,7 +1,11 @@
-"""Evaluation: top-1/top-5, NLL, ECE, per-class top-1, and agreement with a teacher (torchmetrics)."""
+"""Evaluation: top-1/top-5, NLL, ECE, per-class top-1, balanced top-1, and agreement with a teacher
+(torchmetrics); and the long-tail literature's many/medium/few-shot top-1 from the training class counts."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch.nn import functional as F
 from torchmetrics import MeanMetric, MetricCollection
@@ -46,8 +50,8 @@ class Evaluator:
 
     def compute(self) -> Metrics:
         r = self.cls.compute()
-        per_class = {name: (float(acc) if self.support[i] > 0 else None)
-                     for i, (name, acc) in enumerate(zip(self.class_names, r["per_class"], strict=True))}
+        accs = [float(acc) if self.support[i] > 0 else None for i, acc in enumerate(r["per_class"])]
+        per_class = dict(zip(self.class_names, accs, strict=True))
         return Metrics(
             num_examples=int(self.support.sum()),
             top1=float(r["top1"]),
@@ -55,7 +59,52 @@ class Evaluator:
             nll=float(self.nll.compute()),
             ece=float(r["ece"]),
             per_class_top1=per_class,
+            balanced_top1=balanced_top1(accs),
             teacher_agreement=float(self.agree.compute()) if self.agree is not None else None,
             teacher_kl=float(self.kl.compute()) if self.kl is not None else None,
             teacher_top1=float(self.teacher_top1.compute()) if self.teacher_top1 is not None else None,
         )
+
+
+# Liu et al. 2019, "Large-Scale Long-Tailed Recognition in an Open World": many-shot classes have more than 100
+# training images, few-shot classes fewer than 20, medium-shot ones 20 to 100
+MANY_SHOT, FEW_SHOT = 100, 20
+
+
+def balanced_top1(per_class: Sequence[float | None]) -> float | None:
+    """The mean per-class recall over the classes present in the evaluation split (None: absent)."""
+    present = [acc for acc in per_class if acc is not None]
+    return sum(present) / len(present) if present else None
+
+
+def shot_group(count: int) -> str:
+    return "many" if count > MANY_SHOT else "few" if count < FEW_SHOT else "medium"
+
+
+def shot_top1(per_class: Sequence[float | None], train_counts: Sequence[int]) -> dict[str, float | None]:
+    """Many/medium/few-shot top-1: the mean per-class top-1 of each group of classes, grouped by how many
+    training images they had (:func:`shot_group`); classes absent from the evaluation split are left out, and
+    a group with no class left is None."""
+    if len(per_class) != len(train_counts):
+        raise ValueError(f"{len(per_class)} per-class results for {len(train_counts)} class counts")
+    groups: dict[str, list[float]] = {"many": [], "medium": [], "few": []}
+    for acc, count in zip(per_class, train_counts, strict=True):
+        if acc is not None:
+            groups[shot_group(int(count))].append(acc)
+    return {name: (sum(accs) / len(accs) if accs else None) for name, accs in groups.items()}
+
+
+def train_class_counts(labels: np.ndarray | None, num_classes: int) -> list[int] | None:
+    """Training images per class from the labels by row as trained (``DataBundle.train_labels()``: after
+    corruption, -1 for rows not trained on); None when they are not known (streaming)."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    return np.bincount(labels[labels >= 0], minlength=num_classes).astype(int).tolist()
+
+
+def with_shots(metrics: Metrics | None, counts: list[int] | None) -> Metrics | None:
+    """``metrics`` with ``shot_top1`` filled from the training class counts (unchanged when they are unknown)."""
+    if metrics is None or counts is None or len(metrics.per_class_top1) != len(counts):
+        return metrics
+    return metrics.model_copy(update={"shot_top1": shot_top1(list(metrics.per_class_top1.values()), counts)})

@@ -21,6 +21,13 @@ class Metrics(BaseModel):
     nll: float
     ece: float = Field(description="expected calibration error, 15 equal-width bins, L1")
     per_class_top1: dict[str, float | None] = Field(description="class name → top-1; null if absent")
+    balanced_top1: float | None = Field(None, description="balanced accuracy: the mean per-class top-1 (recall) "
+                                                          "over the classes present in the evaluation split")
+    shot_top1: dict[str, float | None] | None = Field(
+        None, description="many/medium/few-shot top-1 (Liu et al. 2019): the mean per-class top-1 over the classes "
+                          "with more than 100, 20 to 100, fewer than 20 training images as trained (after "
+                          "corruption; data.train_class_counts); null for an empty group; absent when the counts "
+                          "are not known (streaming, kdcli evaluate)")
     teacher_agreement: float | None = Field(None, description="fraction with the teacher's argmax")
     teacher_kl: float | None = Field(None, description="KL(teacher ‖ model) at T=1, batch mean")
     teacher_top1: float | None = Field(None, description="the teacher's own top-1 (an ensemble's: of its mean "
@@ -90,6 +97,9 @@ class DataInfo(BaseModel):
     interpolation: str | None = Field(None, description="resize interpolation of the student's input")
     crop_pct: float | None = Field(None, description="evaluation: resize to image_size / crop_pct, centre crop")
     corruption: dict[str, Any] | None = None
+    train_class_counts: list[int] | None = Field(
+        None, description="training images per class as trained (after corruption, within the slice); null when "
+                          "not known (streaming, kdcli evaluate)")
     skipped: dict[str, Any] | None = Field(
         None, description="unreadable examples left out, per split: {count, examples: first names}; the "
                           "training count is that of the last epoch")

@@ -139,8 +139,13 @@ def _cacheable(method: str) -> bool:
         return False
 
 
+CACHE_OPTIONS = ("cache_views", "cache_topk", "cache_dtype")
+
+
 def _config(values: dict, **fixed) -> RunConfig:
     values = {**values, **fixed}
+    if not values.get("teacher_cache"):  # a run without a cache (teachers, CE, feature methods) has no cache options
+        values = {k: v for k, v in values.items() if k not in CACHE_OPTIONS}
     values["out"] = str(values["out"])
     try:
         return make_config(**values)

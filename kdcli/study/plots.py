@@ -89,7 +89,8 @@ def _top1(plt, table: dict):
     ax.set_ylabel("clean-test top-1 (%)")
     ax.set_title(f"{table['dataset']}: {table['teacher']} → {table['student']} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[1]:  # nothing finished yet: no lines, no legend
+        ax.legend(fontsize=7, ncol=2)
     return fig
 
 
@@ -100,7 +101,9 @@ def _gain(plt, table: dict):
     grid = [[(c["gain_over_ce"] * 100 if c is not None and c.get("gain_over_ce") is not None else float("nan"))
              for c in cells] for _, cells in rows]
     finite = [abs(v) for row in grid for v in row if v == v]
-    span = max(finite, default=1.0) or 1.0
+    if not finite:  # no gain known yet
+        return None
+    span = max(finite) or 1.0
     fig, ax = plt.subplots(figsize=(1.2 * len(table["settings"]) + 3, 0.4 * len(rows) + 1.5))
     image = ax.imshow(grid, cmap="RdBu", vmin=-span, vmax=span, aspect="auto")
     ax.set_xticks(range(len(table["settings"])), table["settings"], rotation=20, ha="right")

@@ -1,8 +1,10 @@
 """Results of many runs: one row per report, mean ± std over seeds, the gain over CE, and the tables.
 
 Used by ``kdcli study`` (results.json / .csv / .md for its grid) and ``kdcli compare`` (any set of runs).
-Top-1 is on the clean evaluation split. Std is the sample standard deviation over seeds (n − 1);
-null for a single seed.
+Top-1 is on the clean evaluation split: at the final epoch (``top1``) and the best of any epoch (``best_top1``).
+Balanced top-1 is the mean per-class top-1; many/medium/few-shot top-1 the mean over the classes with more
+than 100, 20 to 100, fewer than 20 training images as trained (known once a run reports them). Std is the
+sample standard deviation over seeds (n − 1); null for a single seed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from kdcli.engine.report import Report
 from kdcli.errors import KdcliError
 from kdcli.study.plan import arch_name
 
-METRICS = ("top1", "best_top1", "nll", "ece", "memorised", "corrected", "clean_train_top1")
+METRICS = ("top1", "best_top1", "nll", "ece", "memorised", "corrected", "clean_train_top1", "balanced_top1",
+           "many_top1", "medium_top1", "few_top1")
+SHOTS = ("many", "medium", "few")
 # config keys that vary between repeats of one setting, or only name files: never a grouping key
 NOT_SETTINGS = ("out", "seed", "corruption_seed", "workers", "teacher", "teacher_weights", "student",
                 "student_weights", "command")
@@ -45,13 +49,18 @@ def run_row(report: Report) -> dict[str, Any]:
     cfg, m = report.config, report.metrics
     c = report.data.corruption or {}
     diag = c.get("diagnostics") or {}
+    shots = m.final.shot_top1 or {}
     return {
         "dataset": cfg["dataset"], "noise": cfg.get("noise"), "imbalance": cfg.get("imbalance"),
         "seed": cfg["seed"], "method": cfg["method"],
         "teacher": report.teacher.name if report.teacher else None, "student": report.student.name,
-        "top1": m.final.top1, "best_top1": m.best.top1 if m.best else None, "nll": m.final.nll, "ece": m.final.ece,
+        "top1": m.final.top1, "best_top1": m.best.top1 if m.best else None,
+        "best_epoch": m.best.epoch if m.best else None, "nll": m.final.nll, "ece": m.final.ece,
+        "balanced_top1": m.final.balanced_top1, **{f"{k}_top1": shots.get(k) for k in SHOTS},
         "memorised": diag.get("memorised"), "corrected": diag.get("corrected"),
         "clean_train_top1": diag.get("clean_accuracy"), "noise_rate": c.get("noise_rate"),
+        "augment": report.data.augment, "train_split": report.data.train_split,
+        "eval_split": report.data.eval_split, "num_train": report.data.num_train, "num_eval": report.data.num_eval,
         "seconds": report.timing.total_seconds,
     }
 
@@ -155,37 +164,119 @@ def pair_tables(results: dict, spec) -> list[dict]:
     return tables
 
 
-def table_markdown(table: dict) -> str:
+def table_markdown(table: dict, metric: str = "top1", gain: bool = True, heading: bool = True) -> str:
+    """Methods × settings, ``metric`` mean ± std; with ``gain``, the gain over CE in brackets; the best student
+    of each column in bold."""
     settings, rows = table["settings"], table["rows"]
     best = {}
     for j in range(len(settings)):
-        cells = [cells[j] for _, cells in rows[1:] if cells[j] is not None and cells[j]["top1_mean"] is not None]
-        best[j] = max((c["top1_mean"] for c in cells), default=None)
-    lines = [f"## {table['dataset']}: {table['teacher']} → {table['student']}", "",
-             "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
-    for i, (label, cells) in enumerate(rows):
+        cells = [c[j] for _, c in rows if c[j] is not None and c[j]["role"] == "student"
+                 and c[j][f"{metric}_mean"] is not None]
+        best[j] = max((c[f"{metric}_mean"] for c in cells), default=None)
+    lines = [f"## {table['dataset']}: {table['teacher']} → {table['student']}", ""] if heading else []
+    lines += ["| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for label, cells in rows:
         out = []
         for j, g in enumerate(cells):
             if g is None:
                 out.append("–")
                 continue
-            text = pct(g["top1_mean"], g["top1_std"])
-            if g.get("gain_over_ce") is not None:
+            text = pct(g[f"{metric}_mean"], g[f"{metric}_std"])
+            if gain and g.get("gain_over_ce") is not None:
                 text += f" ({signed(g['gain_over_ce'])})"
-            if i > 0 and best[j] is not None and g["top1_mean"] == best[j]:
+            if g["role"] == "student" and best[j] is not None and g[f"{metric}_mean"] == best[j]:
                 text = f"**{text}**"
             out.append(text)
         lines.append(f"| {label} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
 
+def split_table_markdown(table: dict, metrics: list[tuple[str, str]]) -> str | None:
+    """Methods × (setting, metric), mean ± std, for the ``metrics`` (label, key) that some run of a setting
+    has; None when no setting has any."""
+    columns = [(j, setting, label, key) for j, setting in enumerate(table["settings"]) for label, key in metrics
+               if any(c[j] is not None and c[j][f"{key}_mean"] is not None for _, c in table["rows"])]
+    if not columns:
+        return None
+    lines = ["| method | " + " | ".join(f"{setting} {label}" for _, setting, label, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name, cells in table["rows"]:
+        out = ["–" if cells[j] is None else pct(cells[j][f"{key}_mean"], cells[j][f"{key}_std"])
+               for j, _, _, key in columns]
+        lines.append(f"| {name} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def is_imbalanced(setting: str) -> bool:
+    return any(part.split(":", 1)[0] in ("longtail", "step") for part in setting.split(" + "))
+
+
+def pair_markdown(table: dict) -> str:
+    """Every table of one (dataset, pair): final top-1, best-epoch top-1 and, where the runs have them, the noisy
+    labels memorised / corrected, balanced top-1 and many/medium/few-shot top-1 (imbalanced settings)."""
+    parts = [f"## {table['dataset']}: {table['teacher']} → {table['student']}", "",
+             "Final-epoch top-1 (%); in brackets the gain over the CE student in the same setting, in points; "
+             "**bold**: the best student of each column.", "", table_markdown(table, heading=False), "",
+             "Best-epoch top-1 (%): the highest evaluation top-1 of any epoch (picked on the evaluation split "
+             "itself, so optimistic: the final epoch is the honest number).", "",
+             table_markdown(table, "best_top1", gain=False, heading=False), ""]
+    noisy = split_table_markdown(table, [("memorised", "memorised"), ("corrected", "corrected")])
+    if noisy is not None:
+        parts += ["Noisy training labels at the end of training (%): among the training examples whose label the "
+                  "noise changed, the fraction the model predicts as the noisy label (memorised) and as the clean "
+                  "one (corrected); training images without augmentation.", "", noisy, ""]
+    imbalanced = [j for j, s in enumerate(table["settings"]) if is_imbalanced(s)]
+    if any(c[j] is not None and c[j]["balanced_top1_mean"] is not None for _, c in table["rows"] for j in imbalanced):
+        parts += ["Balanced top-1 (%): the mean per-class top-1 over the classes of the evaluation split.", "",
+                  table_markdown(table, "balanced_top1", gain=False, heading=False), ""]
+        shots = split_table_markdown(table, [(k, f"{k}_top1") for k in SHOTS])
+        if shots is not None:
+            parts += ["Many / medium / few-shot top-1 (%) (Liu et al. 2019): the mean per-class top-1 over the "
+                      "classes with more than 100, 20 to 100, fewer than 20 training images as trained; a group "
+                      "no class falls in is left out.", "", shots, ""]
+    return "\n".join(parts).rstrip()
+
+
+def recipe_lines(results: dict, spec) -> list[str]:
+    """What every run shared: the spec's options (the recipe), and the augmentation and data as the runs
+    resolved them."""
+
+    def listed(options: dict) -> str:
+        return ", ".join(f"`{k}: {v}`" for k, v in options.items())
+
+    lines = [f"**Recipe** (the spec's options; the rest at kdcli's defaults): {listed(spec.options) or 'none'}."]
+    if spec.teacher_options:
+        lines.append(f"**Teachers**: {listed(spec.teacher_options)}.")
+    if spec.method_args:
+        lines.append("**Method arguments**: " + "; ".join(f"{m}: {listed(a)}" for m, a in spec.method_args.items())
+                     + ".")
+    if spec.teacher_cache:
+        lines.append("**Teacher cache**: one per teacher and cell, shared by its logit students.")
+    runs = results["runs"]
+    augment = sorted({r["augment"] for r in runs if r.get("augment")})
+    if augment:
+        lines.append(f"**Augmentation**: {', '.join(augment)} (as the runs resolved it).")
+    else:
+        lines.append(f"**Augmentation**: {spec.options.get('augment', 'auto')} (no finished run has resolved it).")
+    for dataset in spec.dataset:
+        mine = [r for r in runs if r["dataset"] == dataset and r.get("train_split")]
+        if mine:
+            sizes = sorted({r["num_train"] for r in mine if r.get("num_train") is not None})
+            trained = (f" ({sizes[0]} images trained on)" if len(sizes) == 1 else
+                       f" ({sizes[0]}–{sizes[-1]} images trained on)" if sizes else "")
+            lines.append(f"**Data** {dataset}: training split {mine[0]['train_split']}{trained}, evaluation split "
+                         f"{mine[0]['eval_split']} ({mine[0]['num_eval']} images).")
+    return lines
+
+
 def study_markdown(results: dict, spec) -> str:
     seeds = ", ".join(str(s) for s in spec.seeds)
-    parts = [f"# Study{': ' + spec.name if spec.name else ''}", "",
-             f"Clean-test top-1 (%), mean ± std over seeds {seeds} (sample std, n − 1); in brackets the gain over "
-             "the CE student in the same setting, in points; **bold**: the best student of each column.", ""]
+    parts = [f"# Study{': ' + spec.name if spec.name else ''}", ""]
+    parts += [line + "  " for line in recipe_lines(results, spec)]  # two spaces: a line break in Markdown
+    parts += ["", f"Clean-test top-1 (%), mean ± std over seeds {seeds} (sample std, n − 1); – : no finished run.",
+              ""]
     for table in pair_tables(results, spec):
-        parts += [table_markdown(table), ""]
+        parts += [pair_markdown(table), ""]
     if results["missing"]:
         parts.append(f"{len(results['missing'])} runs are not finished yet and are left out.")
     return "\n".join(parts).rstrip() + "\n"
@@ -208,8 +299,8 @@ def write_study(out: Path, runs, spec) -> dict:
 
     results = study_results(runs, spec.model_dump())
     columns = ["dataset", "setting", "noise", "imbalance", "seed", "role", "method", "teacher_arch", "arch",
-               "top1", "best_top1", "nll", "ece", "noise_rate", "memorised", "corrected", "clean_train_top1",
-               "seconds", "run"]
+               "top1", "best_top1", "best_epoch", "balanced_top1", "many_top1", "medium_top1", "few_top1", "nll",
+               "ece", "noise_rate", "memorised", "corrected", "clean_train_top1", "num_train", "seconds", "run"]
     write_text_atomic(out / "results.json", json.dumps(results, indent=1))
     write_text_atomic(out / "results.csv", rows_csv(results["runs"], columns))
     write_text_atomic(out / "results.md", study_markdown(results, spec))

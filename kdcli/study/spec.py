@@ -4,6 +4,8 @@ and the training options its runs share. Read from YAML or TOML, or from a prese
 
 from __future__ import annotations
 
+import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +18,8 @@ from kdcli.errors import KdcliError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 CLEAN = ("none", "clean", "0", "")
+# a dataset that ``kdcli study --dataset PATH`` must replace (the CIFAR-10 presets: the data is the user's copy)
+PLACEHOLDER = "PATH"
 # RunConfig fields the grid itself sets: not allowed under ``options``
 GRID_FIELDS = frozenset({"command", "student", "student_weights", "teacher", "teacher_weights", "method",
                          "method_args", "dataset", "noise", "imbalance", "seed", "corruption_seed", "out",
@@ -48,7 +52,10 @@ class StudySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = None
-    dataset: list[str] = Field(description="one dataset or several (an axis)")
+    dataset: list[str] = Field(description=f"one dataset or several (an axis); {PLACEHOLDER}: a placeholder that "
+                                           "--dataset replaces")
+    dataset_hint: str | None = Field(None, description="what --dataset should give, said when the placeholder "
+                                                       "is left as it is")
     pairs: list[Pair] = Field(min_length=1, description="teacher → student pairs (the capacity-gap axis)")
     methods: list[str] = Field(description="methods of `kdcli methods`, or 'all'; a CE student is always trained")
     noise: list[str | None] = Field(default_factory=lambda: [None], description="noise specs; none = clean")
@@ -102,8 +109,12 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def load(path: Path | None = None, preset: str | None = None) -> tuple[StudySpec, str]:
-    """The validated spec and its source text, from a YAML/TOML file or a preset name."""
+def load(path: Path | None = None, preset: str | None = None,
+         dataset: str | list[str] | None = None) -> tuple[StudySpec, str]:
+    """The validated spec and its source text, from a YAML/TOML file or a preset name.
+
+    ``dataset`` (``kdcli study --dataset``): replaces the spec's datasets (see :func:`with_dataset`), in the
+    text too; a spec whose dataset is the placeholder ``PATH`` needs it."""
     if (path is None) == (preset is None):
         raise KdcliError("give a study spec file or --preset NAME (one of them): "
                          f"presets are {', '.join(presets())}")
@@ -121,7 +132,52 @@ def load(path: Path | None = None, preset: str | None = None) -> tuple[StudySpec
         reason = " ".join(str(e).split())[:160]
         raise KdcliError(f"{where} is not valid {'TOML' if path.suffix.lower() == '.toml' else 'YAML'}: "
                          f"{reason}") from None
-    return parse(raw, where), text
+    spec = parse(raw, where)
+    if dataset is not None:
+        spec = with_dataset(spec, dataset)
+        text = _text_with_dataset(text, raw, spec.dataset, toml=path.suffix.lower() == ".toml")
+    require_dataset(spec, where)
+    return spec, text
+
+
+def with_dataset(spec: StudySpec, dataset: str | list[str]) -> StudySpec:
+    """``spec`` with its datasets replaced by ``dataset`` (one path or several): the ``--dataset`` override."""
+    given = [dataset] if isinstance(dataset, str) else list(dataset)
+    if not given or any(not str(d).strip() for d in given):
+        raise KdcliError("--dataset needs a dataset: a local path, a built-in or a hub id")
+    if any(str(d).strip() == PLACEHOLDER for d in given):
+        raise KdcliError(f"--dataset {PLACEHOLDER} is the placeholder itself: give the path of your copy")
+    return spec.model_copy(update={"dataset": [str(d).strip() for d in given]})
+
+
+def require_dataset(spec: StudySpec, where: str = "study spec") -> None:
+    """One clear line when the spec's dataset is still the placeholder (a preset whose data is the user's)."""
+    if PLACEHOLDER in spec.dataset:
+        hint = f" ({spec.dataset_hint})" if spec.dataset_hint else ""
+        raise KdcliError(f"{where} needs --dataset {PLACEHOLDER}{hint}: its dataset is a placeholder")
+
+
+def _text_with_dataset(text: str, raw: dict, datasets: list[str], toml: bool) -> str:
+    """The spec's text with its top-level ``dataset`` line set to ``datasets`` (what the study folder's copy of the
+    spec should say), when that line alone holds the key; else the text under a comment naming the override."""
+    value = datasets[0] if len(datasets) == 1 else datasets
+    sep = "=" if toml else ":"
+    lines = text.splitlines(keepends=True)
+    found = [i for i, line in enumerate(lines) if re.match(rf"dataset\s*{sep}", line)]
+    if len(found) == 1:
+        i = found[0]
+        body = lines[i].rstrip("\r\n")
+        was = body.split(sep, 1)[1].strip()
+        lines[i] = f"dataset{' = ' if toml else ': '}{json.dumps(value)}  # --dataset; the spec said: {was}" \
+                   f"{lines[i][len(body):]}"
+        new = "".join(lines)
+        try:  # a JSON string or list is a YAML and a TOML value; a key spread over lines is not rewritten
+            same = (tomllib.loads(new) if toml else yaml.safe_load(new)) == {**raw, "dataset": value}
+        except (tomllib.TOMLDecodeError, yaml.YAMLError):
+            same = False
+        if same:
+            return new
+    return f"# kdcli study --dataset {' --dataset '.join(datasets)}: replaces the datasets below\n" + text
 
 
 def parse(raw: Any, where: str = "study spec") -> StudySpec:
