@@ -228,6 +228,23 @@ def test_no_decay_norm_bias_groups_and_unknown_optimizer(tmp_path):
 def test_channels_last_trains(tmp_path):
     rep = loop.run(_cfg(tmp_path, epochs=1, channels_last=True))
     assert math.isfinite(rep.history[0].loss)
+    # the models and the batch they get are in the channels-last layout (and not without the switch)
+    for switch in (True, False):
+        sess = loop.build(_cfg(tempfile.mkdtemp(), channels_last=switch))
+        convs = [m.weight for m in sess.unwrapped_student().modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == switch for w in convs
+                             if w.shape[2] * w.shape[3] > 1)
+        seen = {}
+        real = sess.student.forward
+
+        def spy(x, needs=frozenset({"logits"}), _real=real, seen=seen):
+            seen["x"] = x
+            return _real(x, needs)
+
+        sess.student.forward = spy
+        b = next(iter(sess.train_loader))
+        sess.train_step(b["image"], b["label"], b["index"])
+        assert seen["x"].is_contiguous(memory_format=torch.channels_last) == switch
 
 
 def test_compile_unavailable_is_one_line(monkeypatch):
