@@ -86,10 +86,14 @@ def test_cifar10_presets_are_valid_studies_on_a_local_copy(name, cifar, tmp_path
         assert (o["train_split"], o["eval_split"], o["epochs"], o["schedule"], o["batch_size"]) == \
                ("train[:5000]", "test[:2000]", 8, "cosine", 64)
         assert spec.pairs[0].teachers == ["cifar_resnet14"] and spec.pairs[0].student == "cifar_resnet8"
+        assert spec.teacher_options == {"epochs": 24}  # a teacher ahead of its student; all else as the students
+        teacher = next(r for r in plan.plan(spec, tmp_path / "t") if r.role == "teacher")
+        assert teacher.cfg.epochs == 24 and teacher.cfg.lr == o["lr"] and teacher.cfg.augment == "cifar"
     else:  # all the data, the field's recipe
         assert "train_split" not in o and "eval_split" not in o and "precision" not in o
         assert (o["epochs"], o["schedule"], o["lr"], o["batch_size"]) == (240, "step", 0.05, 64)
         assert spec.pairs[0].teachers == ["cifar_resnet56"] and spec.pairs[0].student == "cifar_resnet20"
+        assert spec.teacher_options == {}  # 240 epochs train the teacher to convergence as they are
     for run in runs:  # every teacher trained on the very corrupted data of its cell, like its students
         if run.role == "student" and run.needs:
             t = run.needs[0].cfg
@@ -247,7 +251,8 @@ def test_tiny_imbalance_study_on_the_local_copy(cifar, tmp_path):
     view per epoch) gives the second logit student exactly what the teacher itself would."""
     spec, _ = study_spec.load(preset="cifar10-imbalance-cpu", dataset=str(cifar))
     spec = spec.model_copy(update={"methods": ["kd", "dkd"], "seeds": [0], "imbalance": ["longtail:100"],
-                                   "options": {**spec.options, "epochs": 1, "cache_views": 1}})
+                                   "options": {**spec.options, "epochs": 1, "cache_views": 1},
+                                   "teacher_options": {"epochs": 1}})
     runs = plan.plan(spec, tmp_path)
     assert len(runs) == 4 and plan.check(spec, runs) is None
     results.write_study(tmp_path, runs, spec)  # nothing finished yet: the recipe, no numbers
