@@ -290,3 +290,28 @@ def test_tiny_imbalance_study_on_the_local_copy(cifar, tmp_path):
     alone = loop.run(dkd_run.cfg.model_copy(update={"teacher_cache": None, "out": str(tmp_path / "alone")}))
     assert alone.teacher_cache is None and alone.student.sha256 == reports["dkd"].student.sha256
     assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["augment"] == "cifar"
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_the_example_script_runs_both_presets_of_a_size(full, tmp_path):
+    """examples/study_cifar10.sh calls `kdcli study` once per preset of the chosen size, with the data and a
+    folder of its own (a stand-in kdcli records the calls)."""
+    import os
+    import subprocess
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "kdcli").write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path / "calls"}\n')
+    (bin_ / "kdcli").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "FULL": "1" if full else "0"}
+    script = Path(__file__).parents[1] / "examples" / "study_cifar10.sh"
+    subprocess.run(["bash", str(script), "/data/c10", str(tmp_path / "out")], env=env, check=True,
+                   capture_output=True)
+    calls = [c.split() for c in (tmp_path / "calls").read_text().splitlines()]
+    size = "" if full else "-cpu"
+    assert [c[c.index("--preset") + 1] for c in calls] == [f"cifar10-imbalance{size}", f"cifar10-noise{size}"]
+    assert all(c[0] == "study" and c[c.index("--dataset") + 1] == "/data/c10" for c in calls)
+    assert len({c[c.index("--out") + 1] for c in calls}) == 2  # one study folder each
+    assert {c[c.index("--preset") + 1] for c in calls} <= set(study_spec.presets())
+    no_data = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert no_data.returncode != 0 and "usage: bash examples/study_cifar10.sh DATA_DIR" in no_data.stderr
