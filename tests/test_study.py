@@ -273,11 +273,11 @@ def test_presets_are_valid_studies(name, tmp_path):
 # ---------------------------------------------------------------------------------------------- compare
 
 
-def _report(folder: Path, method: str, noise: str | None, seed: int, top1: float) -> None:
+def _report(folder: Path, method: str, noise: str | None, seed: int, top1: float, **options) -> None:
     teacher = None if method == "ce" else {"name": "cifar_resnet26", "source": "checkpoint", "params": 10}
     cfg = RunConfig(command="train" if method == "ce" else "distill", student="cifar_resnet8", method=method,
                     teacher=None if method == "ce" else f"t{seed}.safetensors", dataset="digits", noise=noise,
-                    seed=seed, corruption_seed=seed, out=str(folder))
+                    seed=seed, corruption_seed=seed, out=str(folder), **options)
     metrics = {"num_examples": 10, "top1": top1, "nll": 1.0, "ece": 0.1, "per_class_top1": {}}
     report = Report(
         command=cfg.command, created="2026-11-25T00:00:00+00:00", config=cfg.model_dump(),
@@ -316,6 +316,27 @@ def test_compare_groups_by_what_differs(hand_written, capsys):
     assert capsys.readouterr().out == "n,top-1 %,Δ vs CE\n2,94.00 ± 1.41,–\n"  # they agree on every setting
     kdcli("compare", hand_written)  # a rich table on the terminal
     assert "symmetric:0.4" in capsys.readouterr().out
+
+
+def test_compare_pools_an_exact_teacher_cache_with_no_cache(hand_written, capsys):
+    """A study's logit students read a shared exact cache (float32, a view per epoch): compare puts them beside
+    the other methods, against the same CE, whatever the cache's path; a lossy cache is a setting of its own."""
+    for seed, v in enumerate((0.94, 0.96)):
+        _report(hand_written / f"dkd-{seed}", "dkd", None, seed, v, epochs=8, teacher_cache=f"/c/{seed}",
+                cache_views=8, cache_dtype="float32")
+        _report(hand_written / f"kd16-{seed}", "kd", None, seed, 0.5, epochs=8, teacher_cache=f"/c/{seed}",
+                cache_views=8, cache_dtype="float16")
+    for p in hand_written.glob("[ck][ed]-*"):  # the others: 8 epochs, no cache
+        report = json.loads((p / "report.json").read_text())
+        report["config"]["epochs"] = 8
+        (p / "report.json").write_text(json.dumps(report))
+    kdcli("compare", hand_written, "--format", "md")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| noise | teacher | method | cache_views | cache_dtype | n | top-1 % | Δ vs CE |"
+    assert lines[2:6] == ["| – | – | ce | – | – | 2 | 91.00 ± 1.41 | – |",
+                          "| – | cifar_resnet26 | dkd | – | – | 2 | 95.00 ± 1.41 | +4.00 |",
+                          "| – | cifar_resnet26 | kd | – | – | 2 | 94.00 ± 1.41 | +3.00 |",
+                          "| – | cifar_resnet26 | kd | 8 | float16 | 2 | 50.00 ± 0.00 | – |"]
 
 
 def test_compare_bad_inputs_are_one_line(hand_written, tmp_path, capsys):

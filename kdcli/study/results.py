@@ -326,6 +326,18 @@ def collect_reports(paths: list[Path]) -> list[tuple[Path, Report]]:
     return [(p, read_report(p)) for p in dict.fromkeys(found)]
 
 
+def _cache_settings(settings: dict) -> None:
+    """A teacher cache is where the teacher's outputs were kept, not how the student learnt: its path is no
+    setting, and an exact cache (float32, a view per epoch: the very images an uncached run draws) trains what
+    no cache does, so its options are dropped too. A lossy one (float16, or fewer views than epochs, reusing
+    augmented views) keeps them: it is a different run."""
+    cache = settings.pop("teacher_cache", None)
+    exact = settings.get("cache_dtype") == "float32" and settings.get("cache_views", 1) >= settings.get("epochs", 1)
+    if cache is None or exact:
+        settings.pop("cache_views", None)
+        settings.pop("cache_dtype", None)
+
+
 def compare_groups(reports: list[tuple[Path, Report]]) -> tuple[list[str], list[dict]]:
     """Group runs by the settings that differ between them (seeds pooled); gain over the CE group that
     agrees on everything but the method."""
@@ -333,6 +345,7 @@ def compare_groups(reports: list[tuple[Path, Report]]) -> tuple[list[str], list[
     for path, report in reports:
         row = run_row(report)
         settings = {k: v for k, v in report.config.items() if k not in NOT_SETTINGS}
+        _cache_settings(settings)
         settings.update(teacher=row["teacher"], student=row["student"])
         if isinstance(settings.get("method_args"), dict):
             settings["method_args"] = ",".join(f"{k}={v}" for k, v in sorted(settings["method_args"].items()))
