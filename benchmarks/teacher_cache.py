@@ -44,7 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="cifar_resnet56")
     p.add_argument("--student", default="cifar_resnet20")
-    p.add_argument("--dataset", default="synthetic:32:100:1344", help="1,075 training images: 16 batches of 64")
+    p.add_argument("--dataset", default="synthetic:32:100:1344", help="1,344 training images: 21 batches of 64")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=4)
     a = p.parse_args()

@@ -105,8 +105,9 @@ CacheTopk = Annotated[int | None, typer.Option(
     help="store only the K largest logits and the log-sum-exp of the rest (many classes)", rich_help_panel=SPEED)]
 CacheDtype = Annotated[str, typer.Option(help="float16 | float32 storage of the cached logits",
                                          rich_help_panel=SPEED)]
-Workers = Annotated[int | None, typer.Option(help="data-loading processes \\[default: 0 for built-ins, else 8]",
-                                             rich_help_panel=SPEED)]
+Workers = Annotated[int | None, typer.Option(
+    help="data-loading processes \\[default: 0 for built-ins, else the usable cores, at most 8]",
+    rich_help_panel=SPEED)]
 # corruption
 Noise = Annotated[str | None, typer.Option(
     help="label noise on the training split: symmetric:R, symmetric-incl:R, pairflip:R, asymmetric:R[:FILE], "
@@ -526,7 +527,8 @@ def cache_teacher(
     batch_size: Annotated[int, typer.Option(help="images per teacher forward", rich_help_panel=SPEED)] = 128,
     precision: Precision = default("precision"),
     jobs: Annotated[int | None, typer.Option(
-        help="data-loading worker processes \\[default: 0 for built-ins, else 8]", rich_help_panel=SPEED)] = None,
+        help="data-loading worker processes \\[default: 0 for built-ins, else the usable cores, at most 8]",
+        rich_help_panel=SPEED)] = None,
 ) -> None:
     """Fill a --teacher-cache ahead of training: the teacher's logits of every training row in every view.
 
