@@ -80,7 +80,15 @@ def test_tiny_study_aggregates_what_the_reports_say(tiny):
         ce = statistics.mean(by_cell[(setting, "ce")])
         for m in ("kd", "at"):
             assert groups[(setting, m)]["gain_over_ce"] == pytest.approx(statistics.mean(by_cell[(setting, m)]) - ce)
-        assert groups[(setting, "ce")]["gain_over_ce"] is None and groups[(setting, "teacher")]["gain_over_ce"] is None
+        for g in ("ce", "teacher"):
+            assert groups[(setting, g)]["gain_over_ce"] is None and groups[(setting, g)]["seeds_ahead"] is None
+    # seeds ahead: each student against the CE student of its own seed (the same corruption and teacher)
+    by_seed = {(f.parent.parent.name, f.parent.name, r.config["method"]): r.metrics.final.top1
+               for f, r in reports.items() if not f.name.startswith("teacher-")}
+    for setting in ("clean", "symmetric-0.4"):
+        for m in ("kd", "at"):
+            ahead = sum(by_seed[(setting, s, m)] > by_seed[(setting, s, "ce")] for s in ("seed-0", "seed-1"))
+            assert groups[(setting, m)]["seeds_ahead"] == [ahead, 2]
     noisy = groups[("symmetric-0.4", "kd")]
     assert noisy["memorised_mean"] is not None  # the corruption diagnostics are aggregated too
     # one CSV row per run, the same numbers
@@ -88,6 +96,25 @@ def test_tiny_study_aggregates_what_the_reports_say(tiny):
     assert len(rows) == 17 and rows[0].startswith("dataset,setting,noise,imbalance,seed,role,method")
     csv_top1 = sorted(float(line.split(",")[9]) for line in rows[1:])
     assert csv_top1 == pytest.approx(sorted(r.metrics.final.top1 for r in reports.values()))
+
+
+def test_seeds_ahead_pairs_each_student_with_the_ce_of_its_seed():
+    """Ahead means strictly above the CE run of the same dataset, setting, student architecture and seed; a tie
+    is not ahead, and a seed whose CE run is missing is not paired."""
+    def row(method, seed, top1, setting="s", arch="r8"):
+        return {"dataset": "d", "setting": setting, "noise": None, "imbalance": None, "role": "student",
+                "method": method, "teacher_arch": None if method == "ce" else "r14", "arch": arch, "seed": seed,
+                "teacher": None if method == "ce" else "r14", "top1": top1}
+    rows = [row("ce", 0, 0.50), row("ce", 1, 0.60), row("ce", 2, 0.40),
+            row("kd", 0, 0.51), row("kd", 1, 0.60), row("kd", 2, 0.39), row("kd", 3, 0.99),  # no CE of seed 3
+            row("at", 0, 0.70, setting="other"),  # another setting's CE: none
+            row("ce", 0, 0.10, arch="r20"), row("sp", 0, 0.45, arch="r20"), row("sp", 1, 0.05, arch="r20")]
+    keys = ["dataset", "setting", "noise", "imbalance", "role", "method", "teacher_arch", "arch"]
+    groups = results.aggregate(rows, keys)
+    results.add_seeds_ahead(groups, rows, keys)
+    ahead = {(g["method"], g["arch"]): g["seeds_ahead"] for g in groups}
+    assert ahead == {("ce", "r8"): None, ("kd", "r8"): [1, 3], ("at", "r8"): None, ("ce", "r20"): None,
+                     ("sp", "r20"): [1, 1]}
 
 
 def test_tiny_study_writes_its_table_and_plots(tiny):
@@ -101,7 +128,9 @@ def test_tiny_study_writes_its_table_and_plots(tiny):
     assert [ln.split(" | ")[0] for ln in lines] == ["| teacher (cifar_resnet14)", "| ce (cifar_resnet8)", "| kd",
                                                     "| at"]
     kd = next(g for g in res["groups"] if g["method"] == "kd" and g["setting"] == "clean")
-    assert f"{100 * kd['top1_mean']:.2f} ± {100 * kd['top1_std']:.2f} ({100 * kd['gain_over_ce']:+.2f})" in md
+    ahead, paired = kd["seeds_ahead"]
+    assert paired == 2 and f"{100 * kd['top1_mean']:.2f} ± {100 * kd['top1_std']:.2f} " \
+                           f"({100 * kd['gain_over_ce']:+.2f}, {ahead}/2)" in md
     for column in (1, 2):  # the best student of each column is bold, the teacher never
         cells = [ln.split(" | ")[column] for ln in lines]
         assert sum(c.startswith("**") for c in cells[1:]) >= 1 and not cells[0].startswith("**")

@@ -220,7 +220,7 @@ def test_study_results_show_final_best_balanced_and_shots_by_hand(tmp_path):
     # sample std of two values: |a − b| / √2
     final = table("Final-epoch top-1 (%)")
     assert final == ["| method | longtail:10 |", "|---|---|", "| teacher (cifar_resnet14) | 61.00 ± 1.41 |",
-                     "| ce (cifar_resnet8) | 52.00 ± 2.83 |", "| kd | **57.00 ± 1.41 (+5.00)** |"]
+                     "| ce (cifar_resnet8) | 52.00 ± 2.83 |", "| kd | **57.00 ± 1.41 (+5.00, 2/2)** |"]
     best = table("Best-epoch top-1 (%)")
     assert best[2:] == ["| teacher (cifar_resnet14) | 62.00 ± 2.83 |", "| ce (cifar_resnet8) | 53.00 ± 1.41 |",
                         "| kd | **58.00 ± 0.00** |"]

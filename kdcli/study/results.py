@@ -134,10 +134,26 @@ def study_results(runs, spec_dict: dict) -> dict:
     keys = ["dataset", "setting", "noise", "imbalance", "role", "method", "teacher_arch", "arch"]
     groups = aggregate(rows, keys)
     add_gain(groups, ["dataset", "setting", "arch"])
+    add_seeds_ahead(groups, rows, keys)
     for g in groups:  # a teacher is trained without a teacher: it is no baseline, and has no gain
         if g["role"] == "teacher":
-            g["gain_over_ce"] = None
+            g["gain_over_ce"] = g["seeds_ahead"] = None
     return {"spec": spec_dict, "runs": rows, "groups": groups, "missing": missing}
+
+
+def add_seeds_ahead(groups: list[dict], rows: list[dict], keys: list[str]) -> None:
+    """``seeds_ahead``: [ahead, paired], the seeds on which a student's final top-1 is above that of the CE
+    student of the same dataset, setting, architecture and seed (the same corruption and, in a study, the same
+    teacher), of those that have one; None for CE and teachers. A gain in the mean can come from one seed:
+    this says whether it held on each."""
+    pair = ("dataset", "setting", "arch", "seed")
+    ce = {tuple(_hashable(r.get(k)) for k in pair): r["top1"] for r in rows
+          if r.get("teacher") is None and r.get("role") == "student" and r.get("top1") is not None}
+    for g in groups:
+        mine = [r for r in rows if all(_hashable(r.get(k)) == _hashable(g.get(k)) for k in keys)]
+        base = [(r["top1"], ce.get(tuple(_hashable(r.get(k)) for k in pair))) for r in mine]
+        base = [(a, b) for a, b in base if a is not None and b is not None]
+        g["seeds_ahead"] = None if g["alone"] or not base else [sum(a > b for a, b in base), len(base)]
 
 
 def pair_tables(results: dict, spec) -> list[dict]:
@@ -183,7 +199,8 @@ def table_markdown(table: dict, metric: str = "top1", gain: bool = True, heading
                 continue
             text = pct(g[f"{metric}_mean"], g[f"{metric}_std"])
             if gain and g.get("gain_over_ce") is not None:
-                text += f" ({signed(g['gain_over_ce'])})"
+                ahead = g.get("seeds_ahead")
+                text += f" ({signed(g['gain_over_ce'])}" + (f", {ahead[0]}/{ahead[1]})" if ahead else ")")
             if g["role"] == "student" and best[j] is not None and g[f"{metric}_mean"] == best[j]:
                 text = f"**{text}**"
             out.append(text)
@@ -215,8 +232,9 @@ def pair_markdown(table: dict) -> str:
     """Every table of one (dataset, pair): final top-1, best-epoch top-1 and, where the runs have them, the noisy
     labels memorised / corrected, balanced top-1 and many/medium/few-shot top-1 (imbalanced settings)."""
     parts = [f"## {table['dataset']}: {table['teacher']} → {table['student']}", "",
-             "Final-epoch top-1 (%); in brackets the gain over the CE student in the same setting, in points; "
-             "**bold**: the best student of each column.", "", table_markdown(table, heading=False), "",
+             "Final-epoch top-1 (%); in brackets the gain over the CE student in the same setting, in points, and "
+             "on how many seeds the student is above the CE student of the same seed (the same corruption and "
+             "teacher); **bold**: the best student of each column.", "", table_markdown(table, heading=False), "",
              "Best-epoch top-1 (%): the highest evaluation top-1 of any epoch (picked on the evaluation split "
              "itself, so optimistic: the final epoch is the honest number).", "",
              table_markdown(table, "best_top1", gain=False, heading=False), ""]
