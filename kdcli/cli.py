@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdcli import __version__
-from kdcli.config import RunConfig, default, make_config
+from kdcli.config import DISTILL_ONLY, RunConfig, default, make_config
 from kdcli.errors import KdcliError
 
 app = typer.Typer(
@@ -163,8 +163,6 @@ _RENAMES = {
 _SPELLINGS = {"sched": "schedule"}
 # RunConfig fields that train has no option for: a file for train may hold them at their default only (a train
 # report holds them all)
-_DISTILL_ONLY = ("teacher", "teacher_weights", "teacher_pretrained", "teacher_image_size", "feature_teacher",
-                 "ignore_class_names", "method", "method_args", "student_stages", "teacher_stages")
 _INT_LISTS = {"decay_milestones": "epochs, e.g. 150,180,210", "student_stages": "stage indices, e.g. 1,2,3",
               "teacher_stages": "stage indices, e.g. 1,2,3"}
 
@@ -244,12 +242,12 @@ def read_config_file(path: Path, command: str) -> dict[str, Any]:
         raise KdcliError(f"{where}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; a config "
                          f"file takes the options of kdcli {command} by their RunConfig names")
     if command == "train":  # a train report holds these at their defaults; anything else is a distill file
-        set_ = [f for f in _DISTILL_ONLY  # None, [] and {} are all "unset"
+        set_ = [f for f in DISTILL_ONLY  # None, [] and {} are all "unset"
                 if f in values and values[f] != default(f) and (values[f] or default(f))]
         if set_:
             raise KdcliError(f"{where} sets {', '.join(set_)}, which kdcli train does not take (it trains with ce "
                              "and no teacher): use it with kdcli distill")
-        for f in _DISTILL_ONLY:
+        for f in DISTILL_ONLY:
             values.pop(f, None)
     return {k: _file_value(k, v, f"{where}: {spelt[k]}") for k, v in values.items()}
 

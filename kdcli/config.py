@@ -12,6 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 from kdcli.errors import KdcliError
 
+# fields that only a distilled run sets (train leaves them at their defaults): who teaches, and how
+DISTILL_ONLY = ("teacher", "teacher_weights", "teacher_pretrained", "teacher_image_size", "feature_teacher",
+                "ignore_class_names", "method", "method_args", "student_stages", "teacher_stages")
+# where a distilled run keeps its teacher's outputs, and how (--teacher-cache and its options)
+CACHE_OPTIONS = ("teacher_cache", "cache_views", "cache_topk", "cache_dtype")
+
 
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -74,7 +80,7 @@ class RunConfig(BaseModel):
     cutmix: float = Field(0.0, ge=0)  # cutmix alpha (0: off)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     ema: float | None = Field(None, gt=0, lt=1)  # decay of an exponential moving average of the student (timm)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)  # epoch e seeds with seed + e, which must stay below 2^32
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # teacher cache: the teacher's logits per (row, view) in a folder, so logit methods skip the teacher's forward
     teacher_cache: str | None = None

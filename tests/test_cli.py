@@ -143,6 +143,8 @@ def foreign_files(tmp_path_factory):
     (["train", "--model", "cifar_resnet8", "--dataset", "digits", "--epochs", "0"], "invalid --epochs"),
     (["train", "--model", "cifar_resnet8", "--dataset", "digits", "--batch-size", "-1"], "invalid --batch-size"),
     (["train", "--model", "cifar_resnet8", "--dataset", "digits", "--lr", "0"], "invalid --lr"),
+    (["train", "--model", "cifar_resnet8", "--dataset", "digits", "--seed", "-1"], "invalid --seed"),
+    (["train", "--model", "cifar_resnet8", "--dataset", "digits", "--seed", str(2**31)], "invalid --seed"),
     (["train", "--model", "cifar_resnet8", "--dataset", "digits", "--schedule", "linear"], "invalid --schedule"),
     (["train", "--dataset", "digits"], "missing option --student|missing option --model"),
     (["distill", "--teacher", "cifar_resnet8", "--student", "cifar_resnet8", "--dataset", "digits",

@@ -158,10 +158,13 @@ def test_second_invocation_runs_nothing(tiny, monkeypatch, capsys):
 
 def test_a_changed_spec_does_not_reuse_runs_silently(tiny, tmp_path, capsys):
     spec, out = tiny
+    recorded = (out / "spec.yaml").read_text()
     changed = tmp_path / "changed.yaml"
     changed.write_text(spec.read_text().replace("epochs: 1", "epochs: 3"))
     err = fails(capsys, "study", changed, "--out", out)
-    assert "started with other options (--epochs 1 → 3)" in err
+    assert "started with other options (--epochs 1 → 3)" in err and "give the study another --out" in err
+    assert "--overwrite" not in err  # kdcli study has no such option
+    assert (out / "spec.yaml").read_text() == recorded  # the study's record of its spec is left as it was
 
 
 def test_interrupted_study_resumes_and_printed_commands_run_alone(tmp_path, capsys):
@@ -251,6 +254,12 @@ def _bad(tmp_path, capsys, text: str, *extra) -> str:
     (("pairs:\n  - {teacher: cifar_resnet14, student: cifar_resnet8}", "pairs:\n  - {teacher: cifar_resnet14}"),
      "missing key 'pairs.0.student'"),
     (("name: tiny", "name: [tiny"), "not valid YAML"),
+    (("seeds: [0, 1]", "seeds: [0, 0]"), "seeds: 0 given twice"),
+    (("seeds: [0, 1]", "seeds: [-1, 1]"), "seed -1 is out of range"),
+    (("[kd, at]", "[kd, kd]"), "methods: kd given twice"),
+    (("[kd, at]", "[]"), "methods"),
+    (('noise: [none, "symmetric:0.4"]', "noise: []"), "noise"),
+    (("dataset: synthetic:8:4:96", "dataset: []"), "dataset"),
 ])
 def test_bad_specs_are_one_line(edit, expected, tmp_path, capsys):
     old, new = edit
@@ -258,6 +267,34 @@ def test_bad_specs_are_one_line(edit, expected, tmp_path, capsys):
     err = _bad(tmp_path, capsys, TINY.replace(old, new, 1))
     assert expected in err and "study spec" in err
     assert not (tmp_path / "o").exists()  # validated before anything is written
+
+
+def test_a_spec_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_bytes(TINY.replace("tiny", "t\xe9").encode("latin-1"))
+    assert "cannot be read as UTF-8 text" in fails(capsys, "study", path, "--out", tmp_path / "o")
+
+
+def test_runs_that_would_share_a_folder_are_refused(tmp_path):
+    """Folder names keep letters, digits and . _ + -: two runs whose names differ only elsewhere (or two
+    checkpoints both called model.safetensors in folders of one name) would share a folder, and one of them
+    would silently never run."""
+    two_checkpoints = study_spec.parse({
+        "dataset": "digits", "methods": ["kd"],
+        "pairs": [{"teacher": "exp1/teacher/model.safetensors", "student": "cifar_resnet8"},
+                  {"teacher": "exp2/teacher/model.safetensors", "student": "cifar_resnet8"}]})
+    with pytest.raises(KdcliError, match="'exp1/teacher/model.safetensors' and .*'exp2/teacher/model.safetensors' "
+                                         "would share one run folder"):
+        plan.plan(two_checkpoints, tmp_path)
+    two_spellings = study_spec.parse({"dataset": "digits", "methods": ["kd"], "noise": ["symmetric:0.2",
+                                                                                        "symmetric: 0.2"],
+                                      "pairs": [{"teacher": "cifar_resnet14", "student": "cifar_resnet8"}]})
+    with pytest.raises(KdcliError, match="would share one run folder"):
+        plan.plan(two_spellings, tmp_path)
+    shared = study_spec.parse({"dataset": "digits", "methods": ["kd"],  # one teacher for two pairs: one folder, fine
+                               "pairs": [{"teacher": "cifar_resnet14", "student": "cifar_resnet8"},
+                                         {"teacher": "cifar_resnet14", "student": "cifar_resnet14"}]})
+    assert len(plan.plan(shared, tmp_path)) == 1 + 2 + 2
 
 
 def test_bad_study_invocations_are_one_line(tmp_path, capsys):
@@ -365,7 +402,33 @@ def test_compare_pools_an_exact_teacher_cache_with_no_cache(hand_written, capsys
     assert lines[2:6] == ["| – | – | ce | – | – | 2 | 91.00 ± 1.41 | – |",
                           "| – | cifar_resnet26 | dkd | – | – | 2 | 95.00 ± 1.41 | +4.00 |",
                           "| – | cifar_resnet26 | kd | – | – | 2 | 94.00 ± 1.41 | +3.00 |",
-                          "| – | cifar_resnet26 | kd | 8 | float16 | 2 | 50.00 ± 0.00 | – |"]
+                          "| – | cifar_resnet26 | kd | 8 | float16 | 2 | 50.00 ± 0.00 | -41.00 |"]
+
+
+def test_compare_keys_how_a_student_was_taught_apart_from_its_setting(hand_written, capsys):
+    """Options only a distilled run has (a pretrained teacher, an ensemble, a lossy cache) are shown, yet CE,
+    which has none of them, is still the baseline of their setting; an ensemble is not its first teacher."""
+    for seed, v in enumerate((0.96, 0.98)):
+        _report(hand_written / f"kdpre-{seed}", "kd", None, seed, v, teacher_pretrained=True)
+    for seed in range(2):  # two teachers: the report names both
+        _report(hand_written / f"ens-{seed}", "kd", None, seed, 0.5)
+        report = json.loads((hand_written / f"ens-{seed}" / "report.json").read_text())
+        report["teachers"] = [report["teacher"], {**report["teacher"], "name": "cifar_resnet8"}]
+        (hand_written / f"ens-{seed}" / "report.json").write_text(json.dumps(report))
+    kdcli("compare", hand_written, "--format", "md")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| noise | teacher | method | teacher_pretrained | n | top-1 % | Δ vs CE |"
+    assert lines[2:6] == ["| – | – | ce | False | 2 | 91.00 ± 1.41 | – |",
+                          "| – | cifar_resnet26 | kd | False | 2 | 94.00 ± 1.41 | +3.00 |",
+                          "| – | cifar_resnet26 | kd | True | 2 | 97.00 ± 1.41 | +6.00 |",
+                          "| – | cifar_resnet26+cifar_resnet8 | kd | False | 2 | 50.00 ± 0.00 | -41.00 |"]
+
+
+def test_compare_counts_a_report_named_twice_once(hand_written, capsys):
+    one = next(hand_written.glob("kd-None-0"))
+    kdcli("compare", hand_written, one / "report.json", hand_written / ".." / hand_written.name, "--format", "csv")
+    out = capsys.readouterr().out
+    assert "2,94.00 ± 1.41,+3.00" in out and ",4," not in out
 
 
 def test_compare_bad_inputs_are_one_line(hand_written, tmp_path, capsys):
@@ -387,11 +450,14 @@ def test_mean_std_and_gain_on_hand_made_rows():
     mean, std = results.mean_std([0.1, 0.2, 0.6])
     assert mean == pytest.approx(0.3) and std == pytest.approx(statistics.stdev([0.1, 0.2, 0.6]))
     rows = [{"method": m, "teacher": t, "noise": n, "seed": s, "top1": v} for m, t, n, s, v in [
-        ("ce", None, "a", 0, 0.5), ("ce", None, "a", 1, 0.7), ("kd", "T", "a", 0, 0.9), ("kd", "T", "b", 0, 0.2)]]
+        ("ce", None, "a", 0, 0.5), ("ce", None, "a", 1, 0.7), ("kd", "T", "a", 0, 0.9), ("kd", "T", "b", 0, 0.2),
+        ("ce", None, "c", 0, 0.5), ("ce", None, "c", 1, 0.7), ("kd", "T", "c", 7, 0.9), ("kd", "T", "c", 8, 0.5)]]
     groups = results.aggregate(rows, ["noise", "method", "teacher"])
     results.add_gain(groups, ["noise"])
     gains = {(g["noise"], g["method"]): g["gain_over_ce"] for g in groups}
-    assert gains[("a", "kd")] == pytest.approx(0.3) and gains[("a", "ce")] is None and gains[("b", "kd")] is None
+    assert gains[("a", "ce")] is None and gains[("b", "kd")] is None  # CE has none; b has no CE
+    assert gains[("a", "kd")] == pytest.approx(0.9 - 0.5)  # paired with CE's seed 0, not CE's mean 0.6
+    assert gains[("c", "kd")] == pytest.approx(0.7 - 0.6)  # no seed in common: the difference of the means
 
 
 def _one_epoch_study_where(tmp_path, monkeypatch, prefix: str, error: BaseException) -> Path:
@@ -407,6 +473,19 @@ def _one_epoch_study_where(tmp_path, monkeypatch, prefix: str, error: BaseExcept
 
     monkeypatch.setattr(loop, "run", run)
     return spec
+
+
+def test_an_unexpected_error_fails_its_run_not_the_study(tmp_path, monkeypatch, capsys):
+    """Out of memory or a bug in one run: recorded as that run's failure with its traceback in the run's log;
+    the other runs of the study still run and the results are written."""
+    spec = _one_epoch_study_where(tmp_path, monkeypatch, "ce-", RuntimeError("CUDA out of memory\nmore detail"))
+    err = fails(capsys, "study", spec, "--out", tmp_path / "o")
+    assert "1 runs failed and 0 were skipped" in err and "RuntimeError: CUDA out of memory" in err
+    assert "more detail" not in err  # one line
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert sorted(r["role"] for r in res["runs"]) == ["student", "teacher"] and len(res["missing"]) == 1
+    log = next((tmp_path / "o" / "runs").rglob("ce-*/log.txt")).read_text()
+    assert "Traceback" in log and "CUDA out of memory" in log
 
 
 def test_a_failed_run_is_reported_and_its_students_skipped(tmp_path, monkeypatch, capsys):

@@ -315,3 +315,26 @@ def test_the_example_script_runs_both_presets_of_a_size(full, tmp_path):
     assert {c[c.index("--preset") + 1] for c in calls} <= set(study_spec.presets())
     no_data = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert no_data.returncode != 0 and "usage: bash examples/study_cifar10.sh DATA_DIR" in no_data.stderr
+
+
+def test_gain_over_ce_pairs_seeds_and_a_cell_short_of_seeds_says_so(tmp_path):
+    """A student whose third seed has not finished: its gain is over the CE runs of the seeds it has (paired),
+    not over CE's mean of all three, and its cells say over how many seeds they are."""
+    spec = study_spec.parse({"name": "hand", "dataset": "d", "methods": ["kd"], "imbalance": "longtail:10",
+                             "seeds": [0, 1, 2], "pairs": [{"teacher": "cifar_resnet14", "student": "cifar_resnet8"}]})
+    runs = plan.plan(spec, tmp_path)
+    top1 = {("teacher", 0): 0.8, ("teacher", 1): 0.8, ("teacher", 2): 0.8,
+            ("ce", 0): 0.50, ("ce", 1): 0.60, ("ce", 2): 0.70, ("kd", 0): 0.55, ("kd", 1): 0.65}  # kd seed 2: missing
+    for run in runs:
+        key = ("teacher" if run.role == "teacher" else run.method, run.seed)
+        if key in top1:
+            _report(run.out, run.method, run.seed, top1[key], top1[key], {}, (1, top1[key]))
+    res = results.write_study(tmp_path, runs, spec)
+    kd = next(g for g in res["groups"] if g["method"] == "kd")
+    # unpaired, 0.60 − 0.60 = 0; paired, (0.55 − 0.50 + 0.65 − 0.60) / 2 = +0.05
+    assert kd["gain_over_ce"] == pytest.approx(0.05) and kd["seeds_ahead"] == [2, 2] and kd["n"] == 2
+    assert "_top1_by_seed" not in kd  # internal: not written
+    md = (tmp_path / "results.md").read_text()
+    assert "| kd | **60.00 ± 7.07 [n=2] (+5.00, 2/2)** |" in md
+    assert "| ce (cifar_resnet8) | 60.00 ± 10.00 |" in md  # every seed: no [n=…]
+    assert "[n=k]: over the k seeds finished" in md

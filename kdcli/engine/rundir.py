@@ -73,10 +73,12 @@ def differences(stored: dict, wanted: dict, ignore: tuple[str, ...] = ()) -> lis
 
 
 def decide(out: Path, cfg: RunConfig, *, overwrite: bool = False, resume: bool = False, auto_resume: bool = False,
-           ignore: tuple[str, ...] = ("out",)) -> State:
+           ignore: tuple[str, ...] = ("out",),
+           remedy: str = "use another --out, or --overwrite to start again") -> State:
     """What to do with ``out`` for ``cfg``: start ``fresh``, continue the ``interrupted`` run, or nothing
     (``finished``: only with ``auto_resume`` and the same options). Anything else is one clear error.
-    Settings in ``ignore`` may differ (the folder itself may have moved; a study moves teachers with it).
+    Settings in ``ignore`` may differ (the folder itself may have moved; a study moves teachers with it);
+    ``remedy`` ends the error that other options meet.
 
     ``auto_resume`` is the rule that lets one command line serve a first start and every requeue: continue
     an interrupted run whose options are the same, start when there is nothing, refuse when they differ.
@@ -96,8 +98,7 @@ def decide(out: Path, cfg: RunConfig, *, overwrite: bool = False, resume: bool =
         diff = differences(stored_config(out).model_dump(), cfg.model_dump(), ignore)
         if diff:
             raise KdcliError(f"{out} holds a{' finished' if state == 'finished' else 'n interrupted'} run started "
-                             f"with other options ({'; '.join(diff[:4])}): use another --out, or --overwrite to "
-                             "start again")
+                             f"with other options ({'; '.join(diff[:4])}): {remedy}")
         return state
     if state == "finished":
         raise KdcliError(f"--out {out} holds a finished run; pass --overwrite to replace it or choose another --out")

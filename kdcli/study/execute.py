@@ -1,14 +1,16 @@
 """Running a study's pending runs: one at a time in this process, or ``jobs`` at a time in worker processes.
 
 A run is an ordinary ``loop.run``: it writes its own folder, log and report. Finished runs are skipped,
-interrupted ones resumed, and a student starts only once its teacher has finished. A run that fails
-(a KdcliError such as a diverged loss) is recorded and the study goes on without the runs that need it.
+interrupted ones resumed, and a student starts only once its teacher has finished. A run that fails (a
+KdcliError such as a diverged loss, or any other error: out of memory, a bug) is recorded with its reason, the
+traceback of an unexpected one in its log, and the study goes on without the runs that need it.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -49,6 +51,7 @@ def run_one(cfg_json: str, resume: bool) -> Outcome:
     """Run (or resume) one configured run in this process; its epoch lines go to the run's log file."""
     from kdcli.config import RunConfig
     from kdcli.engine import loop
+    from kdcli.engine.signals import Interrupted
     from kdcli.errors import KdcliError
 
     cfg = RunConfig.model_validate_json(cfg_json)
@@ -60,9 +63,15 @@ def run_one(cfg_json: str, resume: bool) -> Outcome:
         console.print(f"# {'resuming' if resume else 'starting'} {cfg.command} --method {cfg.method}")
         try:
             report = loop.run(cfg, resume=resume, console=console)
+        except Interrupted:  # a stop on request: the study stops too (and resumes this run next time)
+            raise
         except KdcliError as e:
             console.print(f"error: {e}")
             return Outcome(ok=False, seconds=time.time() - started, error=str(e))
+        except Exception as e:  # one run's failure (out of memory, a bug) must not end a study of hundreds
+            log.write(traceback.format_exc())
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            return Outcome(ok=False, seconds=time.time() - started, error=f"{type(e).__name__}: {first}".rstrip(": "))
     return Outcome(ok=True, top1=report.metrics.final.top1, seconds=time.time() - started)
 
 
@@ -190,9 +199,9 @@ def run_study(spec, runs: list[Run], out: Path, *, jobs: int, console: Console,
     from kdcli.models.checkpoint import write_text_atomic
     from kdcli.study import results
 
+    states = {run.out: run.state() for run in runs}  # runs made with other options: refused before any write
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / source[0], source[1])
-    states = {run.out: run.state() for run in runs}
     finished = {o for o, s in states.items() if s == "done"}
     todo = [r for r in runs if states[r.out] != "done"]
     interrupted = sum(s == "interrupted" for s in states.values())

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdcli import methods
-from kdcli.config import RunConfig, default, make_config
+from kdcli.config import CACHE_OPTIONS, RunConfig, default, make_config
 from kdcli.errors import KdcliError
 from kdcli.study.spec import StudySpec
 
@@ -53,7 +53,9 @@ class Run:
         """
         from kdcli.engine import rundir
 
-        state = rundir.decide(self.out, self.cfg, auto_resume=True, ignore=PATH_KEYS)
+        state = rundir.decide(self.out, self.cfg, auto_resume=True, ignore=PATH_KEYS,
+                              remedy="the study spec changed since; give the study another --out, or delete that "
+                                     "run's folder to train it again")
         return {"finished": "done", "interrupted": "interrupted", "fresh": "pending"}[state]
 
     def command(self) -> list[str]:
@@ -91,6 +93,14 @@ def plan(spec: StudySpec, out: Path) -> list[Run]:
     """Every run of the study, teachers first (a student's teacher always comes before it)."""
     runs: dict[Path, Run] = {}
     students: list[Run] = []
+    claims: dict[Path, str] = {}  # run folder → what it trains: two different runs never share one
+
+    def claim(folder: Path, what: str) -> None:
+        if claims.setdefault(folder, what) != what:
+            raise KdcliError(f"study spec: {claims[folder]} and {what} would share one run folder, "
+                             f"{folder.relative_to(out)}: their names differ only in characters a folder name "
+                             "drops (or a checkpoint's folder or file name repeats); rename one")
+
     for dataset in spec.dataset:
         for noise, imbalance in spec.settings:
             setting = setting_label(noise, imbalance)
@@ -100,21 +110,25 @@ def plan(spec: StudySpec, out: Path) -> list[Run]:
                             corruption_seed=seed if spec.corruption_seed == "seed" else spec.corruption_seed,
                             **spec.options)
                 cell = dict(dataset=dataset, setting=setting, seed=seed)
+                where = f"{dataset!r}, {setting!r}, seed {seed}:"
                 for pair in spec.pairs:
                     teachers = []
                     for arch in pair.teachers:  # each teacher once per cell, whichever pairs share it
                         t_out = folder / f"teacher-{slug(arch_name(arch))}"
+                        claim(t_out, f"{where} teacher {arch!r}")
                         runs[t_out] = runs.get(t_out) or Run(
                             _config(base | spec.teacher_options, command="train", student=arch, out=t_out),
                             role="teacher", method="ce", arch=arch_name(arch), teacher_arch=None, **cell)
                         teachers.append(runs[t_out])
                     t_name, s_name = "+".join(arch_name(a) for a in pair.teachers), arch_name(pair.student)
                     ce_out = folder / f"ce-{slug(s_name)}"
+                    claim(ce_out, f"{where} ce student {pair.student!r}")
                     if ce_out not in runs:
                         runs[ce_out] = Run(_config(base, command="train", student=pair.student, out=ce_out),
                                            role="student", method="ce", arch=s_name, teacher_arch=None, **cell)
                     for method in spec.methods:
                         m_out = folder / f"{slug(method)}-{slug(t_name)}-{slug(s_name)}"
+                        claim(m_out, f"{where} {method} from {'+'.join(pair.teachers)!r} into {pair.student!r}")
                         if m_out in runs:
                             continue
                         cache = {}
@@ -138,8 +152,6 @@ def _cacheable(method: str) -> bool:
     except KdcliError:  # an unknown method: check() names it
         return False
 
-
-CACHE_OPTIONS = ("cache_views", "cache_topk", "cache_dtype")
 
 
 def _config(values: dict, **fixed) -> RunConfig:

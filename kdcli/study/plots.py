@@ -68,15 +68,17 @@ def _top1(plt, table: dict):
     palette = plt.get_cmap("tab20").colors
     colours = [c for i, c in enumerate(palette) if i % 2 == 0 and i != 14] + \
               [c for i, c in enumerate(palette) if i % 2 == 1 and i != 15]
-    for i, (label, cells) in enumerate(table["rows"]):
+    methods = 0
+    for kind, (label, cells) in zip(table["kinds"], table["rows"], strict=True):
         points = [(x, c["top1_mean"], c["top1_std"] or 0.0) for x, c in zip(xs, cells, strict=True)
                   if c is not None and c["top1_mean"] is not None]
         if not points:
             continue
         x, y, e = zip(*sorted(points), strict=True)
-        style = (dict(color="grey", linestyle="--", linewidth=1.2) if i == 0 else
-                 dict(color="black", linewidth=2.5, zorder=5) if i == 1 else
-                 dict(color=colours[(i - 2) % len(colours)], linewidth=1.2))
+        style = (dict(color="grey", linestyle="--", linewidth=1.2) if kind == "teacher" else
+                 dict(color="black", linewidth=2.5, zorder=5) if kind == "ce" else
+                 dict(color=colours[methods % len(colours)], linewidth=1.2))
+        methods += kind == "method"
         ax.errorbar(x, [100 * v for v in y], yerr=[100 * v for v in e], label=label, marker="o", markersize=3,
                     capsize=2, **style)
     if numeric:
@@ -95,7 +97,7 @@ def _top1(plt, table: dict):
 
 
 def _gain(plt, table: dict):
-    rows = [(label, cells) for label, cells in table["rows"][2:]]
+    rows = [row for kind, row in zip(table["kinds"], table["rows"], strict=True) if kind == "method"]
     if not rows:
         return None
     grid = [[(c["gain_over_ce"] * 100 if c is not None and c.get("gain_over_ce") is not None else float("nan"))

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kdcli.config import RunConfig
+from kdcli.config import CACHE_OPTIONS, DISTILL_ONLY, RunConfig
 from kdcli.engine.report import Report
 from kdcli.errors import KdcliError
 from kdcli.study.plan import arch_name
@@ -50,10 +50,11 @@ def run_row(report: Report) -> dict[str, Any]:
     c = report.data.corruption or {}
     diag = c.get("diagnostics") or {}
     shots = m.final.shot_top1 or {}
+    teachers = report.teachers or ([report.teacher] if report.teacher else [])
     return {
         "dataset": cfg["dataset"], "noise": cfg.get("noise"), "imbalance": cfg.get("imbalance"),
         "seed": cfg["seed"], "method": cfg["method"],
-        "teacher": report.teacher.name if report.teacher else None, "student": report.student.name,
+        "teacher": "+".join(t.name for t in teachers) or None, "student": report.student.name,
         "top1": m.final.top1, "best_top1": m.best.top1 if m.best else None,
         "best_epoch": m.best.epoch if m.best else None, "nll": m.final.nll, "ece": m.final.ece,
         "balanced_top1": m.final.balanced_top1, **{f"{k}_top1": shots.get(k) for k in SHOTS},
@@ -85,8 +86,13 @@ def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
         g["seeds"] = sorted(r["seed"] for r in members)
         for metric in METRICS:
             g[f"{metric}_mean"], g[f"{metric}_std"] = mean_std([r.get(metric) for r in members])
+        unique = len({r["seed"] for r in members}) == len(members)  # compare may be given one seed twice
+        g[BY_SEED] = {r["seed"]: r["top1"] for r in members if r.get("top1") is not None} if unique else None
         out.append(g)
     return out
+
+
+BY_SEED = "_top1_by_seed"  # a group's final top-1 per seed, for the gain over CE; dropped from what is written
 
 
 def _hashable(v):
@@ -94,13 +100,26 @@ def _hashable(v):
 
 
 def add_gain(groups: list[dict], baseline_keys: list[str]) -> None:
-    """``gain_over_ce``: top-1 mean minus that of the standard-training group (a student trained without a
-    teacher: CE) that agrees on ``baseline_keys``; None for such groups or when there is none."""
-    base = {tuple(_hashable(g.get(k)) for k in baseline_keys): g["top1_mean"] for g in groups
+    """``gain_over_ce``: the top-1 gain over the standard-training group (a student trained without a teacher:
+    CE) that agrees on ``baseline_keys``; None for such groups or when there is none. Paired by seed: the mean
+    of (student − CE) over the seeds both have, so a seed that one of them lacks does not shift the gain; where
+    they share no seed (or a group repeats one), the difference of the two means."""
+    base = {tuple(_hashable(g.get(k)) for k in baseline_keys): g for g in groups
             if g["alone"] and g.get("role", "student") == "student"}
     for g in groups:
         ce = base.get(tuple(_hashable(g.get(k)) for k in baseline_keys))
-        g["gain_over_ce"] = None if ce is None or g["alone"] or g["top1_mean"] is None else g["top1_mean"] - ce
+        if ce is None or g["alone"] or g["top1_mean"] is None or ce["top1_mean"] is None:
+            g["gain_over_ce"] = None
+            continue
+        mine, theirs = g.get(BY_SEED) or {}, ce.get(BY_SEED) or {}
+        shared = [seed for seed in mine if seed in theirs]
+        g["gain_over_ce"] = (statistics.fmean(mine[seed] - theirs[seed] for seed in shared) if shared
+                             else g["top1_mean"] - ce["top1_mean"])
+
+
+def _drop_private(groups: list[dict]) -> None:
+    for g in groups:
+        g.pop(BY_SEED, None)
 
 
 def pct(mean: float | None, std: float | None = None) -> str:
@@ -138,6 +157,7 @@ def study_results(runs, spec_dict: dict) -> dict:
     for g in groups:  # a teacher is trained without a teacher: it is no baseline, and has no gain
         if g["role"] == "teacher":
             g["gain_over_ce"] = g["seeds_ahead"] = None
+    _drop_private(groups)
     return {"spec": spec_dict, "runs": rows, "groups": groups, "missing": missing}
 
 
@@ -176,7 +196,9 @@ def pair_tables(results: dict, spec) -> list[dict]:
             rows = [(f"teacher ({m})", [find("teacher", "ce", None, m, st) for st in settings]) for m in members]
             rows += [(f"ce ({s})", [find("student", "ce", None, s, st) for st in settings])]
             rows += [(m, [find("student", m, t, s, st) for st in settings]) for m in spec.methods]
-            tables.append({"dataset": dataset, "teacher": t, "student": s, "settings": settings, "rows": rows})
+            kinds = ["teacher"] * len(members) + ["ce"] + ["method"] * len(spec.methods)  # what each row is
+            tables.append({"dataset": dataset, "teacher": t, "student": s, "settings": settings, "rows": rows,
+                           "kinds": kinds, "seeds": len(spec.seeds)})
     return tables
 
 
@@ -198,6 +220,8 @@ def table_markdown(table: dict, metric: str = "top1", gain: bool = True, heading
                 out.append("–")
                 continue
             text = pct(g[f"{metric}_mean"], g[f"{metric}_std"])
+            if g["n"] < table.get("seeds", 0):  # not every seed has finished: say over how many
+                text += f" [n={g['n']}]"
             if gain and g.get("gain_over_ce") is not None:
                 ahead = g.get("seeds_ahead")
                 text += f" ({signed(g['gain_over_ce'])}" + (f", {ahead[0]}/{ahead[1]})" if ahead else ")")
@@ -232,9 +256,10 @@ def pair_markdown(table: dict) -> str:
     """Every table of one (dataset, pair): final top-1, best-epoch top-1 and, where the runs have them, the noisy
     labels memorised / corrected, balanced top-1 and many/medium/few-shot top-1 (imbalanced settings)."""
     parts = [f"## {table['dataset']}: {table['teacher']} → {table['student']}", "",
-             "Final-epoch top-1 (%); in brackets the gain over the CE student in the same setting, in points, and "
-             "on how many seeds the student is above the CE student of the same seed (the same corruption and "
-             "teacher); **bold**: the best student of each column.", "", table_markdown(table, heading=False), "",
+             "Final-epoch top-1 (%); in brackets the gain over the CE student of the same seed in the same setting "
+             "(the same corruption and teacher), in points, averaged over the seeds both finished, and on how many "
+             "of those seeds the student is above that CE student; **bold**: the best student of each column.", "",
+             table_markdown(table, heading=False), "",
              "Best-epoch top-1 (%): the highest evaluation top-1 of any epoch (picked on the evaluation split "
              "itself, so optimistic: the final epoch is the honest number).", "",
              table_markdown(table, "best_top1", gain=False, heading=False), ""]
@@ -291,7 +316,8 @@ def study_markdown(results: dict, spec) -> str:
     seeds = ", ".join(str(s) for s in spec.seeds)
     parts = [f"# Study{': ' + spec.name if spec.name else ''}", ""]
     parts += [line + "  " for line in recipe_lines(results, spec)]  # two spaces: a line break in Markdown
-    parts += ["", f"Clean-test top-1 (%), mean ± std over seeds {seeds} (sample std, n − 1); – : no finished run.",
+    parts += ["", f"Clean-test top-1 (%), mean ± std over seeds {seeds} (sample std, n − 1); [n=k]: over the k seeds "
+              "finished; – : no finished run.",
               ""]
     for table in pair_tables(results, spec):
         parts += [pair_markdown(table), ""]
@@ -341,7 +367,12 @@ def collect_reports(paths: list[Path]) -> list[tuple[Path, Report]]:
             found.append(p)
         else:
             raise KdcliError(f"{p} does not exist")
-    return [(p, read_report(p)) for p in dict.fromkeys(found)]
+    seen, unique = set(), []
+    for p in found:  # a report named twice (a folder and a file in it, or two spellings of one path) counts once
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return [(p, read_report(p)) for p in unique]
 
 
 def _cache_settings(settings: dict) -> None:
@@ -377,9 +408,11 @@ def compare_groups(reports: list[tuple[Path, Report]]) -> tuple[list[str], list[
         for k in keys:
             g[k.removeprefix("cfg.")] = g.pop(k)
     shown = [k.removeprefix("cfg.") for k in keys]
-    method_keys = {"method", "method_args", "teacher", "student_stages", "teacher_stages"}
+    # how a student was taught (train has none of these): not part of the setting its CE baseline must share
+    method_keys = {*DISTILL_ONLY, *CACHE_OPTIONS}
     setting_keys = [k for k in shown if k not in method_keys]
     add_gain(groups, setting_keys)
+    _drop_private(groups)
     # each setting together, its CE baseline first, then the methods by name
     groups.sort(key=lambda g: ([_order(g.get(k)) for k in setting_keys],
                                not g["alone"],

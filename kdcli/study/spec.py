@@ -52,14 +52,17 @@ class StudySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = None
-    dataset: list[str] = Field(description=f"one dataset or several (an axis); {PLACEHOLDER}: a placeholder that "
-                                           "--dataset replaces")
+    dataset: list[str] = Field(min_length=1, description=f"one dataset or several (an axis); {PLACEHOLDER}: a "
+                                                         "placeholder that --dataset replaces")
     dataset_hint: str | None = Field(None, description="what --dataset should give, said when the placeholder "
                                                        "is left as it is")
     pairs: list[Pair] = Field(min_length=1, description="teacher → student pairs (the capacity-gap axis)")
-    methods: list[str] = Field(description="methods of `kdcli methods`, or 'all'; a CE student is always trained")
-    noise: list[str | None] = Field(default_factory=lambda: [None], description="noise specs; none = clean")
-    imbalance: list[str | None] = Field(default_factory=lambda: [None], description="imbalance specs; none")
+    methods: list[str] = Field(min_length=1, description="methods of `kdcli methods`, or 'all'; a CE student is "
+                                                         "always trained")
+    noise: list[str | None] = Field(default_factory=lambda: [None], min_length=1,
+                                    description="noise specs; none = clean")
+    imbalance: list[str | None] = Field(default_factory=lambda: [None], min_length=1,
+                                        description="imbalance specs; none")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     corruption_seed: Literal["seed"] | int = Field(
         "seed", description="'seed': each seed draws its own corruption; an integer: the same for all seeds")
@@ -88,6 +91,22 @@ class StudySpec(BaseModel):
     def _clean(cls, v):
         v = [v] if v is None or isinstance(v, str | int | float) else v
         return [None if x is None or str(x).strip().lower() in CLEAN else str(x) for x in v]
+
+    @field_validator("methods", "noise", "imbalance", "seeds", "dataset")
+    @classmethod
+    def _once_each(cls, v: list) -> list:
+        repeated = sorted({str(x) for x in v if v.count(x) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} given twice: each once")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seed_range(cls, v: list[int]) -> list[int]:
+        bad = [s for s in v if not 0 <= s < 2**31]
+        if bad:
+            raise ValueError(f"seed {bad[0]} is out of range: seeds are 0 to 2^31 − 1")
+        return v
 
     @field_validator("options", "teacher_options")
     @classmethod
@@ -125,7 +144,11 @@ def load(path: Path | None = None, preset: str | None = None,
     where = f"preset {preset}" if preset else f"study spec {path}"
     if not path.is_file():
         raise KdcliError(f"study spec {path} {'is not a file' if path.exists() else 'does not exist'}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.reason if isinstance(e, UnicodeDecodeError) else (e.strerror or str(e))
+        raise KdcliError(f"{where} cannot be read as UTF-8 text ({reason})") from None
     try:
         raw = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
