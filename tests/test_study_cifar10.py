@@ -210,6 +210,7 @@ def test_study_results_show_final_best_balanced_and_shots_by_hand(tmp_path):
     # the recipe and the augmentation at the top
     assert lines[2] == "**Recipe** (the spec's options; the rest at kdcli's defaults): `epochs: 8`, `augment: cifar`.  "
     assert "**Augmentation**: cifar (as the runs resolved it).  " in lines
+    assert "[n=k]" not in md  # every cell has every seed: no legend for what is not there
     assert "**Data** d: training split train[:5000] (2040 images trained on), evaluation split test[:2000] " \
            "(2000 images).  " in lines
 

@@ -316,8 +316,9 @@ def study_markdown(results: dict, spec) -> str:
     seeds = ", ".join(str(s) for s in spec.seeds)
     parts = [f"# Study{': ' + spec.name if spec.name else ''}", ""]
     parts += [line + "  " for line in recipe_lines(results, spec)]  # two spaces: a line break in Markdown
-    parts += ["", f"Clean-test top-1 (%), mean ± std over seeds {seeds} (sample std, n − 1); [n=k]: over the k seeds "
-              "finished; – : no finished run.",
+    short = any(g["n"] < len(spec.seeds) for g in results["groups"])
+    parts += ["", f"Clean-test top-1 (%), mean ± std over seeds {seeds} (sample std, n − 1)"
+              f"{'; [n=k]: over the k seeds finished' if short else ''}; – : no finished run.",
               ""]
     for table in pair_tables(results, spec):
         parts += [pair_markdown(table), ""]
