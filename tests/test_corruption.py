@@ -332,3 +332,45 @@ def test_bad_class_orders(order):
 def test_labels_outside_the_classes():
     with pytest.raises(KdcliError, match="label 12"):
         noisy_labels(parse_noise("symmetric:0.1", C), np.array([1, 12]), np.array([0, 1]), C)
+
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def test_the_built_in_asymmetric_map_is_for_cifar10_classes_only(tmp_path):
+    """The map is by class index: on another 10-class set (digits, MNIST, STL-10) it would flip meaningless
+    pairs, so it needs CIFAR-10's names in CIFAR-10's order; a map file works for any classes."""
+    spec = parse_noise("asymmetric:0.4", C, CIFAR10_NAMES)
+    assert spec.matrix[9, 1] == pytest.approx(0.4) and spec.matrix[3, 5] == pytest.approx(0.4)
+    assert parse_noise("asymmetric:0.4", C, ["plane", "car", *CIFAR10_NAMES[2:]]).matrix[2, 0] == pytest.approx(0.4)
+    for names in ([str(i) for i in range(10)], CIFAR10_NAMES[::-1]):
+        with pytest.raises(KdcliError, match="the built-in asymmetric map is CIFAR-10's.*asymmetric:R:FILE"):
+            parse_noise("asymmetric:0.4", C, names)
+    path = tmp_path / "map.json"
+    path.write_text('{"7": 1}')
+    assert parse_noise(f"asymmetric:0.3:{path}", C, [str(i) for i in range(10)]).matrix[7, 1] == pytest.approx(0.3)
+
+
+def test_a_noise_file_that_is_not_text_is_one_line(tmp_path):
+    path = tmp_path / "T.npy"
+    np.save(path, np.eye(3))
+    with pytest.raises(KdcliError, match="is not a text file"):
+        parse_noise(f"matrix:{path}", 3)
+    with pytest.raises(KdcliError, match="is not a text file"):
+        parse_noise(f"asymmetric:0.2:{path}", 3)
+
+
+def test_a_class_order_needs_an_imbalance(capsys, tmp_path):
+    from kdcli.data.corruption import check_class_order
+    from tests.test_cli import fails
+
+    check_class_order(None, None)
+    check_class_order("1,0", "longtail:10")
+    with pytest.raises(KdcliError, match="--class-order orders the classes of the --imbalance profile"):
+        check_class_order("1,0", None)
+    order = ",".join(str(i) for i in reversed(range(10)))
+    for extra in ([], ["--noise", "symmetric:0.2"]):  # alone, or beside noise: it would change nothing
+        err = fails(capsys, "train", "--model", "cifar_resnet8", "--dataset", "digits", "--class-order", order,
+                    *extra, "--out", tmp_path / "o")
+        assert "give --imbalance too" in err
+    assert not (tmp_path / "o").exists()

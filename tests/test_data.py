@@ -131,12 +131,21 @@ def test_augmentation_only_when_training_and_reproducible():
         assert aug["image"].shape == (1, 8, 8) and aug["index"] == i and aug["label"] == plain[i]["label"]
         changed += not torch.equal(aug["image"], expected)
     assert changed >= 10
+    # a pure function of (seed, epoch, row): the global RNG's state changes nothing, nor does it move
     torch.manual_seed(123)
     first = [augmented[i]["image"] for i in range(5)]
-    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(456)
+    np.random.seed(456)
     assert all(torch.equal(a, augmented[i]["image"]) for i, a in enumerate(first))
+    torch.manual_seed(123)
+    augmented[0]
+    assert torch.equal(torch.random.get_rng_state(), state)
     evaluated = bundle.eval_dataset()
-    assert torch.equal(evaluated[3]["image"], evaluated[3]["image"])
+    torch.manual_seed(1)
+    once = evaluated[3]["image"]
+    torch.manual_seed(2)
+    assert torch.equal(once, evaluated[3]["image"])
 
 
 def test_batched_reads_match_single_items():
@@ -426,3 +435,52 @@ def test_split_by_node_disjoint_and_complete(spec, parquet_folder):
     assert first and second and not first & second
     expected = _pairs(open_data(spec).train_dataset(train=False))
     assert Counter(shards[0] + shards[1]) == Counter(expected)
+
+
+def _image_dataset(labels) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * len(labels), "label": labels}) \
+        .cast_column("image", datasets.Image())
+
+
+@pytest.mark.parametrize("labels", [[0, None, 1, 0, 1, 1], ["a", None, "b", "a", "b", "b"]])
+@pytest.mark.parametrize("where", ["train", "test"])
+def test_examples_without_a_label_are_one_line(labels, where, tmp_path):
+    """A null label would fail to convert (integers), count as an unreadable image (ClassLabel) or become a class
+    named 'None' (names): refused when the data is opened, naming the split and the row, also for a slice that
+    leaves the row out (the whole split's labels name the classes)."""
+    datasets.disable_progress_bars()
+    bad, good = _image_dataset(labels), _image_dataset([x for x in labels if x is not None])
+    splits = {"train": bad, "test": good} if where == "train" else {"train": good, "test": bad}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "d"))
+    for split in ("train", "train[2:]"):
+        with pytest.raises(KdcliError, match=f"the '{where}' split .* has 1 example without a label \\(null\\) in "
+                                             "column 'label' \\(row 1\\)"):
+            open_data(str(tmp_path / "d"), train_split=split)
+
+
+def test_a_damaged_streamed_evaluation_split_is_one_line(tmp_path):
+    datasets.disable_progress_bars()
+    (tmp_path / "d").mkdir()
+    data = _image_dataset([0, 1] * 3)
+    data.to_parquet(str(tmp_path / "d" / "train-00000.parquet"))
+    data.to_parquet(str(tmp_path / "d" / "test-00000.parquet"))
+    raw = (tmp_path / "d" / "test-00000.parquet").read_bytes()
+    (tmp_path / "d" / "test-00000.parquet").write_bytes(raw[: len(raw) // 2] + b"x" * 100 + raw[len(raw) // 2 + 100:])
+    with pytest.raises(KdcliError, match="could not read the evaluation split of dataset"):
+        open_data(str(tmp_path / "d"), streaming=True)
+
+
+def test_trained_class_counts_are_by_true_class_under_noise_and_imbalance():
+    """The many/medium/few-shot groups count the images of each class trained on: label noise moves labels
+    between classes, not images, so the counts are the imbalance's (the noisy labels' counts are not)."""
+    from kdcli.data import corruption as cor
+    from kdcli.engine.metrics import train_class_counts
+
+    bundle = open_data("digits")
+    clean_all = bundle.train_labels()
+    block = bundle.corrupt("symmetric:0.4", "longtail:10", seed=0)
+    by_true_class = train_class_counts(bundle.train_labels(clean=True), 10)
+    profile = cor.parse_imbalance("longtail:10", 10)
+    expected = cor.target_counts(profile, cor.class_counts(clean_all[clean_all >= 0], 10))
+    assert by_true_class == expected and max(expected) / min(expected) == pytest.approx(10, rel=0.15)
+    assert train_class_counts(bundle.train_labels(), 10) == block["class_counts_after"] != expected  # noisy labels

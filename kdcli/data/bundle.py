@@ -321,7 +321,7 @@ class DataBundle:
         if split == "eval":
             full, used = self._label_rows(self._eval, self._eval_subset)
             keep, noisy, block = _corrupt_labels(cor, full[used], used, self.num_classes, noise, imbalance, seed,
-                                                 class_order)
+                                                 class_order, self.class_names)
             self._eval_rows, self._eval_labels = used[keep], _by_row(len(full), used, noisy)
             self.num_eval = int(keep.sum())
             return block
@@ -333,7 +333,8 @@ class DataBundle:
         else:
             full, used = self._label_rows(self._train, self._train_subset)
         clean = full[used]
-        keep, noisy, block = _corrupt_labels(cor, clean, used, self.num_classes, noise, imbalance, seed, class_order)
+        keep, noisy, block = _corrupt_labels(cor, clean, used, self.num_classes, noise, imbalance, seed, class_order,
+                                             self.class_names)
         self._rows = used[keep]
         self._noisy, self.clean_labels = _by_row(len(full), used, noisy), _by_row(len(full), used, clean)
         self.num_train = int(keep.sum())
@@ -361,14 +362,15 @@ class DataBundle:
         slice, held out), when the training split was corrupted."""
         return None if self.clean_labels is None else (self.clean_labels, self._noisy)
 
-    def train_labels(self) -> np.ndarray | None:
-        """The labels training uses (after corruption), by original row index, -1 for rows not trained on
-        (outside a slice, held out, dropped by imbalance); None when streaming (rows are not known ahead)."""
+    def train_labels(self, clean: bool = False) -> np.ndarray | None:
+        """The labels training uses (after corruption; ``clean``: the true labels of the same rows), by original
+        row index, -1 for rows not trained on (outside a slice, held out, dropped by imbalance); None when
+        streaming (rows are not known ahead)."""
         if self.streaming:
             return None
         if self._noisy is not None:
             out = np.full(len(self._noisy), -1, dtype=np.int64)
-            out[self._rows] = self._noisy[self._rows]
+            out[self._rows] = (self.clean_labels if clean else self._noisy)[self._rows]
             return out
         full, used = self._label_rows(self._train, self._train_subset)
         return _by_row(len(full), used, full[used])
@@ -484,9 +486,11 @@ def _by_row(size: int, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def _corrupt_labels(cor, clean: np.ndarray, index: np.ndarray, c: int, noise: str | None, imbalance: str | None,
-                    seed: int, class_order: str | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                    seed: int, class_order: str | None,
+                    class_names: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(kept mask, corrupted labels, report block) for the clean labels of one split's rows ``index``."""
-    n_spec = cor.parse_noise(noise, c) if noise else None
+    cor.check_class_order(class_order, imbalance)
+    n_spec = cor.parse_noise(noise, c, class_names) if noise else None
     i_spec = cor.parse_imbalance(imbalance, c, class_order) if imbalance else None
     keep = cor.keep_mask(i_spec, clean, index, c, seed) if i_spec else np.ones(len(clean), dtype=bool)
     noisy = cor.noisy_labels(n_spec, clean, index, c, seed) if n_spec else clean.copy()
@@ -859,7 +863,10 @@ def _materialize(spec: str, stream):
 
     features = stream.features
     raw = stream.decode(False)
-    rows = list(raw)
+    try:
+        rows = list(raw)
+    except Exception as exc:  # a damaged file (pyarrow, OSError): what the map-style path says, in one line
+        raise KdcliError(f"could not read the evaluation split of dataset {spec!r} ({short_reason(exc)})") from None
     if not rows:
         raise KdcliError(f"the evaluation split of dataset {spec!r} is empty: pass another --eval-split")
     columns = {name: [row[name] for row in rows] for name in rows[0]}
@@ -876,6 +883,23 @@ def _stream_num_examples(stream, split: str) -> int | None:
 
 def _label_array(split, label_col: str) -> np.ndarray:
     return np.asarray(split.select_columns([label_col]).with_format("numpy")[:][label_col])
+
+
+def _check_no_null_labels(spec: str, split, label_col: str, name: str) -> None:
+    """One clear line for examples without a label (null) in a map-style split (the whole split: its labels
+    name the classes): they would otherwise fail to convert, be counted as unreadable images, or become a
+    class called 'None'."""
+    import pyarrow.compute as pc
+
+    column = split.select_columns([label_col]).with_format("arrow")[:].column(label_col)
+    if not column.null_count:
+        return
+    missing = np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))
+    n = len(missing)
+    raise KdcliError(
+        f"the {name!r} split of dataset {spec!r} has {n} example{'s' if n > 1 else ''} without a label (null) in "
+        f"column {label_col!r} (row{'s' if n > 1 else ''} {_id_ranges(missing[:5].tolist())}"
+        f"{', ...' if n > 5 else ''}): drop them from the data, or pick another --label-column")
 
 
 def _id_ranges(ids: list[int], limit: int = 12) -> str:
@@ -905,6 +929,10 @@ def _labels(spec: str, train, eval_, label_col: str, train_side: tuple, eval_sid
     streamed = isinstance(train, datasets.IterableDataset)
     feature = train.features.get(label_col) if train.features is not None else None
     kind = getattr(feature, "dtype", None)
+    if not streamed:
+        _check_no_null_labels(spec, train, label_col, train_spec.name)
+    if not same and isinstance(eval_, datasets.Dataset):
+        _check_no_null_labels(spec, eval_, label_col, eval_text.split("[")[0])
     if isinstance(feature, datasets.ClassLabel):
         names = list(feature.names)
     elif isinstance(feature, datasets.Value) and kind in ("string", "large_string"):

@@ -13,8 +13,9 @@ Noise (:func:`parse_noise`, :func:`noisy_labels`)
                           R(C-1)/C).
     ``pairflip:R``        class i -> (i+1) mod C with probability R.
     ``asymmetric:R``      the CIFAR-10 map (truck->automobile, bird->airplane, deer->horse, cat<->dog) with
-                          probability R; needs C == 10, or ``asymmetric:R:FILE`` with FILE a JSON object
-                          ``{"src": dst, ...}`` of class indices.
+                          probability R; only for CIFAR-10's classes (its ten names in its order: the map is
+                          by index, and on another 10-class set it would flip meaningless pairs), else
+                          ``asymmetric:R:FILE`` with FILE a JSON object ``{"src": dst, ...}`` of class indices.
     ``matrix:FILE``       a C x C row-stochastic transition matrix (JSON list of lists, or CSV).
 
     Every kind is turned into its transition matrix T (``NoiseSpec.matrix``) and sampled the same way, with two
@@ -56,6 +57,7 @@ NOISE_KINDS = ("symmetric", "symmetric-incl", "pairflip", "asymmetric", "matrix"
 IMBALANCE_KINDS = ("longtail", "step")
 # CIFAR-10: airplane 0, automobile 1, bird 2, cat 3, deer 4, dog 5, frog 6, horse 7, ship 8, truck 9.
 CIFAR10_ASYMMETRIC = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 STOCHASTIC_TOLERANCE = 1e-6
 
 _MASK64 = (1 << 64) - 1
@@ -169,9 +171,11 @@ def _read_text(path: str, spec: str) -> str:
     if not path:
         raise KdcliError(f"{spec!r} needs a file after the last ':'")
     try:
-        return Path(path).expanduser().read_text()
+        return Path(path).expanduser().read_text(encoding="utf-8")
     except OSError as exc:
         raise KdcliError(f"cannot read {path!r} for {spec!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise KdcliError(f"{path!r} in {spec!r} is not a text file (JSON or CSV, UTF-8)") from None
 
 
 def _load_matrix(path: str, num_classes: int, spec: str) -> np.ndarray:
@@ -220,8 +224,9 @@ def _load_class_map(path: str, num_classes: int, spec: str) -> dict[int, int]:
     return mapping
 
 
-def parse_noise(text: str, num_classes: int) -> NoiseSpec:
-    """``--noise`` text -> :class:`NoiseSpec`; a bad spec raises :class:`KdcliError` naming it."""
+def parse_noise(text: str, num_classes: int, class_names: Sequence[str] | None = None) -> NoiseSpec:
+    """``--noise`` text -> :class:`NoiseSpec`; a bad spec raises :class:`KdcliError` naming it. ``class_names``
+    (the data's, when known) must be CIFAR-10's for the built-in asymmetric map."""
     spec = text.strip()
     kind, _, rest = spec.partition(":")
     kind = kind.lower()
@@ -241,8 +246,14 @@ def parse_noise(text: str, num_classes: int) -> NoiseSpec:
         rate = _rate(rate_text, spec)
         if path:
             mapping = _load_class_map(path, C, spec)
-        elif C == 10:
+        elif C == 10 and (class_names is None or is_cifar10(class_names)):
             mapping = CIFAR10_ASYMMETRIC
+        elif C == 10:
+            raise KdcliError(
+                f"noise {spec!r}: the built-in asymmetric map is CIFAR-10's, by class index (truck->automobile, "
+                f"bird->airplane, deer->horse, cat<->dog), and this data's classes are {', '.join(class_names[:4])}, "
+                '...; give its own mapping with asymmetric:R:FILE (a JSON object {"src": dst, ...})'
+            )
         else:
             raise KdcliError(
                 f"noise {spec!r}: the built-in asymmetric map is CIFAR-10's (10 classes) and the data has {C}; "
@@ -267,6 +278,19 @@ def parse_noise(text: str, num_classes: int) -> NoiseSpec:
     else:  # pairflip
         matrix = (1.0 - rate) * np.eye(C) + rate * np.roll(np.eye(C), 1, axis=1)
     return NoiseSpec(kind, rate, matrix, spec)
+
+
+def is_cifar10(class_names: Sequence[str]) -> bool:
+    """CIFAR-10's ten classes in its order (``plane``/``car`` accepted for torchvision's older names)."""
+    aliases = {"plane": "airplane", "car": "automobile"}
+    return tuple(aliases.get(str(n).strip().lower(), str(n).strip().lower()) for n in class_names) == CIFAR10_CLASSES
+
+
+def check_class_order(class_order: str | None, imbalance: str | None) -> None:
+    """``--class-order`` says which class is the head of ``--imbalance``'s profile: alone it would do nothing."""
+    if class_order is not None and not imbalance:
+        raise KdcliError("--class-order orders the classes of the --imbalance profile (head first): give "
+                         "--imbalance too, or drop it")
 
 
 def _parse_order(class_order: str | Sequence[int] | None, num_classes: int) -> tuple[int, ...]:
@@ -398,7 +422,8 @@ def target_counts(spec: ImbalanceSpec, counts: Sequence[int]) -> list[int]:
 
     ``n_ref = min over classes with examples of n_c / p_c`` and ``target_c = round(n_ref * p_c)``, capped at n_c
     and at least 1 for a class that has examples (so an extreme factor never empties a class); a class with no
-    examples stays at 0.
+    examples stays at 0. Rounded to the nearest, where Cao et al.'s LDAM-DRW code truncates (``int()``): on
+    CIFAR-10 at factor 100 that keeps 12,408 images, theirs 12,406 (CIFAR-100: 10,899 and 10,847).
     """
     counts = np.asarray(counts, dtype=np.int64)
     if counts.shape != (len(spec.order),):

@@ -8,6 +8,7 @@ from pathlib import Path
 from kdcli import methods, models
 from kdcli.config import RunConfig
 from kdcli.data import DEFAULT_MAX_BAD_FRACTION, DataBundle, open_data
+from kdcli.data.corruption import check_class_order
 from kdcli.engine import report as rep
 from kdcli.engine.rundir import MODEL_FILE
 from kdcli.engine.session import Session, data_facts, default_workers, make_accelerator, make_loader
@@ -51,6 +52,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, *, split: str | None = No
     if not path.is_file():
         raise KdcliError(f"checkpoint {checkpoint} is not a file (nor a run folder holding {MODEL_FILE})")
     meta = ckpt.read_meta(path, "--model")
+    check_class_order(class_order, imbalance)
     data = open_data(dataset, image_column=image_column, label_column=label_column, eval_split=split,
                      augment="none")
     data.set_input(meta.input_size, meta.interpolation, meta.crop_pct)  # the checkpoint's own input

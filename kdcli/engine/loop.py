@@ -332,8 +332,9 @@ def _report(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | Non
             ema_metrics: rep.Metrics | None = None) -> rep.Report:
     cfg = sess.cfg
     mspec = methods.spec(cfg.method, cfg.method_args)
-    # the training class counts as trained: the many/medium/few-shot groups of every metrics block
-    counts = train_class_counts(sess.data.train_labels(), sess.data.num_classes)
+    # the images trained on per true class (label noise moves labels, not images): the many/medium/few-shot
+    # groups of every metrics block
+    counts = train_class_counts(sess.data.train_labels(clean=True), sess.data.num_classes)
     metrics, peer_metrics, ema_metrics = (with_shots(m, counts) for m in (metrics, peer_metrics, ema_metrics))
     peer = None
     if sess.online:

@@ -95,8 +95,8 @@ def shot_top1(per_class: Sequence[float | None], train_counts: Sequence[int]) ->
 
 
 def train_class_counts(labels: np.ndarray | None, num_classes: int) -> list[int] | None:
-    """Training images per class from the labels by row as trained (``DataBundle.train_labels()``: after
-    corruption, -1 for rows not trained on); None when they are not known (streaming)."""
+    """Training images per class from labels by row (``DataBundle.train_labels(clean=True)``: the true labels of
+    the rows trained on, -1 for the others); None when they are not known (streaming)."""
     if labels is None:
         return None
     labels = np.asarray(labels)

@@ -25,9 +25,9 @@ class Metrics(BaseModel):
                                                           "over the classes present in the evaluation split")
     shot_top1: dict[str, float | None] | None = Field(
         None, description="many/medium/few-shot top-1 (Liu et al. 2019): the mean per-class top-1 over the classes "
-                          "with more than 100, 20 to 100, fewer than 20 training images as trained (after "
-                          "corruption; data.train_class_counts); null for an empty group; absent when the counts "
-                          "are not known (streaming, kdcli evaluate)")
+                          "with more than 100, 20 to 100, fewer than 20 training images (data.train_class_counts); "
+                          "null for an empty group; absent when the counts are not known (streaming, kdcli "
+                          "evaluate)")
     teacher_agreement: float | None = Field(None, description="fraction with the teacher's argmax")
     teacher_kl: float | None = Field(None, description="KL(teacher ‖ model) at T=1, batch mean")
     teacher_top1: float | None = Field(None, description="the teacher's own top-1 (an ensemble's: of its mean "
@@ -98,8 +98,9 @@ class DataInfo(BaseModel):
     crop_pct: float | None = Field(None, description="evaluation: resize to image_size / crop_pct, centre crop")
     corruption: dict[str, Any] | None = None
     train_class_counts: list[int] | None = Field(
-        None, description="training images per class as trained (after corruption, within the slice); null when "
-                          "not known (streaming, kdcli evaluate)")
+        None, description="training images per class, as trained (within the slice, after imbalance) and by their "
+                          "true class (label noise moves labels, not images: corruption.class_counts_after counts "
+                          "the noisy labels); null when not known (streaming, kdcli evaluate)")
     skipped: dict[str, Any] | None = Field(
         None, description="unreadable examples left out, per split: {count, examples: first names}; the "
                           "training count is that of the last epoch")

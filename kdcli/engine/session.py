@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from kdcli import methods, models
 from kdcli.config import RunConfig
 from kdcli.data import DataBundle, SkipTracker, open_data
+from kdcli.data.corruption import check_class_order
 from kdcli.engine import recipe
 from kdcli.engine import report as rep
 from kdcli.engine.metrics import Evaluator
@@ -298,6 +299,7 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
                              "not the mix of its logits; drop one of them")
         if cfg.streaming:
             raise KdcliError("--teacher-cache stores logits by training row: it needs map-style data; drop --streaming")
+    check_class_order(cfg.class_order, cfg.imbalance)
     data = open_run_data(cfg)
     if "index" in mspec.needs and data.train_labels() is None:
         raise KdcliError(f"--method {cfg.method} keeps a memory per training example, indexed by its row: it needs "

@@ -158,6 +158,8 @@ def _config(values: dict, **fixed) -> RunConfig:
     values = {**values, **fixed}
     if not values.get("teacher_cache"):  # a run without a cache (teachers, CE, feature methods) has no cache options
         values = {k: v for k, v in values.items() if k not in CACHE_OPTIONS}
+    if not values.get("imbalance"):  # the class order is the imbalance profile's: a balanced cell has none
+        values.pop("class_order", None)
     values["out"] = str(values["out"])
     try:
         return make_config(**values)
@@ -229,7 +231,7 @@ def check(spec: StudySpec, runs: list[Run]) -> None:
         data = _in_spec(lambda c=first.cfg: open_run_data(c), "dataset")
         c, order = data.num_classes, first.cfg.class_order
         for noise in filter(None, spec.noise):
-            _in_spec(lambda n=noise, c=c: corruption.parse_noise(n, c), "noise")
+            _in_spec(lambda n=noise, c=c, names=data.class_names: corruption.parse_noise(n, c, names), "noise")
         for imbalance in filter(None, spec.imbalance):
             _in_spec(lambda i=imbalance, c=c, o=order: corruption.parse_imbalance(i, c, o), "imbalance")
 

@@ -3,7 +3,7 @@
 Used by ``kdcli study`` (results.json / .csv / .md for its grid) and ``kdcli compare`` (any set of runs).
 Top-1 is on the clean evaluation split: at the final epoch (``top1``) and the best of any epoch (``best_top1``).
 Balanced top-1 is the mean per-class top-1; many/medium/few-shot top-1 the mean over the classes with more
-than 100, 20 to 100, fewer than 20 training images as trained (known once a run reports them). Std is the
+than 100, 20 to 100, fewer than 20 training images of their true class (known once a run reports them). Std is the
 sample standard deviation over seeds (n − 1); null for a single seed.
 """
 
@@ -275,7 +275,7 @@ def pair_markdown(table: dict) -> str:
         shots = split_table_markdown(table, [(k, f"{k}_top1") for k in SHOTS])
         if shots is not None:
             parts += ["Many / medium / few-shot top-1 (%) (Liu et al. 2019): the mean per-class top-1 over the "
-                      "classes with more than 100, 20 to 100, fewer than 20 training images as trained; a group "
+                      "classes with more than 100, 20 to 100, fewer than 20 training images (by true class); a group "
                       "no class falls in is left out.", "", shots, ""]
     return "\n".join(parts).rstrip()
 
