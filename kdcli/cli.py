@@ -296,7 +296,16 @@ def _run(values: dict, command: str, required: tuple[str, ...], ctx: typer.Conte
     if resume is not None:
         if config is not None:
             raise KdcliError("--config and --resume exclude each other: a resumed run keeps its own options")
+        others = sorted(_given(ctx, command) - set(_CONTROL))
+        if others:
+            option = {field: name for name, field in _RENAMES[command].items()}  # student → model for train
+            raise KdcliError("--resume continues a run with its own options: drop "
+                             f"{', '.join(_flag(option.get(k, k)) for k in others)} (or start a new run with them "
+                             "in another --out)")
         cfg = loop.resumed_config(resume)
+        if cfg.command != command:
+            raise KdcliError(f"{resume} holds a kdcli {cfg.command} run: continue it with kdcli {cfg.command} "
+                             f"--resume {resume}")
         console.print(f"resuming the run in {resume} with its own options")
     else:
         cfg = resolve_config(command, values, _given(ctx, command), config, required)
@@ -606,6 +615,8 @@ def evaluate(
 
     if out is not None and out.is_dir():
         raise KdcliError(f"--out {out} is a folder; give a file name such as {out}/eval.json")
+    if out is not None and any(p.exists() and not p.is_dir() for p in out.absolute().parents):
+        raise KdcliError(f"--out {out}: a folder on its path is a file")
     weights = [None if w == "-" else w for w in teacher_weights] if teacher_weights else None
     result = loop.evaluate_checkpoint(checkpoint, dataset, split=split, teacher=teacher,
                                       teacher_weights=weights, batch_size=batch_size,

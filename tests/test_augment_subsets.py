@@ -493,3 +493,16 @@ def test_a_slice_that_misses_classes_is_a_warning(tmp_path):
     bundle = open_data(str(root), train_split="train[:30%]")
     assert any("holds 2 of its 4 classes" in w for w in bundle.warnings), bundle.warnings
     assert not any("classes (are its rows" in w for w in open_data(str(root)).warnings)
+
+
+def test_an_image_folder_of_one_class_says_so(tmp_path):
+    """datasets gives a folder with a single class sub-folder no label column: the message says why."""
+    from kdcli.data import open_data
+    from kdcli.errors import KdcliError
+
+    folder = tmp_path / "one" / "cats"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        _noise((10, 10), i, "RGB").save(folder / f"{i}.png")
+    with pytest.raises(KdcliError, match="has images but no labels: an image folder needs a sub-folder per class"):
+        open_data(str(tmp_path / "one"))

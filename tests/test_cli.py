@@ -241,6 +241,11 @@ def test_evaluate_takes_a_run_folder_and_refuses_other_folders(runs, tmp_path, c
     kdcli("evaluate", runs / "ce", "--dataset", "digits", "--out", tmp_path / "e.json")
     assert EvalReport.model_validate_json((tmp_path / "e.json").read_text()).checkpoint.name == "cifar_resnet8"
     assert "nor a run folder" in fails(capsys, "evaluate", tmp_path, "--dataset", "digits")
+    for option, value in [("--precision", "fp8"), ("--workers", "-1"), ("--max-bad-fraction", "5")]:
+        assert f"invalid {option}" in fails(capsys, "evaluate", runs / "ce", "--dataset", "digits", option, value)
+    (tmp_path / "afile").write_text("x")
+    assert "is a file" in fails(capsys, "evaluate", runs / "ce", "--dataset", "digits", "--out",
+                                tmp_path / "afile" / "e.json")
 
 
 def test_an_unreadable_resume_state_is_one_line(tmp_path, capsys):

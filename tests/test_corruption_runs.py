@@ -1,5 +1,6 @@
 """Corruption wired into train/distill: the labels the loop trains on, the report block, the diagnostics."""
 
+import json
 import tempfile
 
 import numpy as np
@@ -85,6 +86,25 @@ def test_corrupt_dataset_writes_what_a_run_would_train_on_and_reads_back(tmp_pat
     assert "exists" in fails(capsys, "corrupt-dataset", "--dataset", "synthetic:8:4:300", "--noise", "pairflip:0.1",
                              "--out", out)
     assert "nothing to do" in fails(capsys, "corrupt-dataset", "--dataset", "digits", "--out", tmp_path / "y")
+
+
+def test_corrupt_dataset_overwrite_replaces_only_what_it_wrote(tmp_path, capsys):
+    """--overwrite replaces a corrupted dataset (or an empty folder); a folder of anything else, a file, or a
+    path under a file is one line and nothing is removed."""
+    args = ["corrupt-dataset", "--dataset", "digits", "--noise", "symmetric:0.2"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert "is not a corrupted dataset (no manifest.json)" in fails(capsys, *args, "--out", tmp_path / "mine",
+                                                                    "--overwrite")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    assert "is not a folder" in fails(capsys, *args, "--out", tmp_path / "file", "--overwrite")
+    assert "is a file, not a folder" in fails(capsys, *args, "--out", tmp_path / "file" / "sub")
+    assert (tmp_path / "file").read_text() == "x" and not list(tmp_path.glob(".*.tmp"))
+    (tmp_path / "empty").mkdir()
+    kdcli(*args, "--out", tmp_path / "empty", "--overwrite")
+    kdcli(*args[:-1], "pairflip:0.1", "--out", tmp_path / "empty", "--overwrite")  # its own output: replaced
+    assert json.loads((tmp_path / "empty" / "manifest.json").read_text())["corruption"]["noise"] == "pairflip:0.1"
 
 
 def test_evaluate_can_corrupt_its_split_when_asked(tmp_path, capsys):

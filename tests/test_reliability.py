@@ -94,6 +94,25 @@ def test_signal_at_the_end_of_an_epoch_and_twice(whole, tmp_path, monkeypatch, c
     _same_run(whole, out)
 
 
+def test_resume_continues_the_folder_it_is_given_with_its_own_options(tmp_path, capsys):
+    """A stopped run copied elsewhere continues in the copy (never in the folder it was started in); options
+    beside --resume, or the other command, are refused rather than silently ignored."""
+    import shutil
+
+    first = tmp_path / "first"
+    kdcli(*RUN[:-4], "--epochs", "2", "--batch-size", "256", "--out", first, "--stop-after-epoch", "1")
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    assert "drop --epochs, --lr" in fails(capsys, "train", "--resume", copy, "--epochs", "5", "--lr", "0.1")
+    assert "drop --model" in fails(capsys, "train", "--resume", copy, "--model", "cifar_resnet14")
+    assert f"holds a kdcli train run: continue it with kdcli train --resume {copy}" in fails(
+        capsys, "distill", "--resume", copy)
+    kdcli("train", "--resume", copy)
+    report = Report.model_validate_json((copy / "report.json").read_text())
+    assert report.config["out"] == str(copy) and report.config["epochs"] == 2
+    assert not (first / "report.json").exists() and (first / "resume").is_dir()  # the original is untouched
+
+
 def test_sigterm_to_a_real_process(tmp_path):
     """A separate process, killed as a scheduler would (mid-run), exits 143 with one line; the same
     command line then finishes it."""

@@ -178,6 +178,12 @@ def test_mismatches_and_methods_that_cannot_use_a_cache_are_refused(teachers, fi
         assert says in err, (name, err)
         assert not (tmp_path / name).exists()
     assert _files(filled) == before  # nothing reused, nothing written
+    (tmp_path / "afile").write_text("x")
+    for where in (tmp_path / "afile", tmp_path / "afile" / "sub"):  # a file where the cache folder would be
+        other = [*same[:-1], where]
+        assert "is a file, not a folder" in fails(capsys, "distill", *other, "--epochs", "1", "--out", tmp_path / "f")
+        assert "is a file, not a folder" in fails(capsys, "cache-teacher", *other)
+    assert not (tmp_path / "f").exists() and (tmp_path / "afile").read_text() == "x"
 
 
 def test_an_interrupted_fill_keeps_what_it_flushed_and_a_rerun_computes_only_the_rest(teachers, tmp_path,

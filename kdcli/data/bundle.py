@@ -812,6 +812,10 @@ def _label_column(spec: str, columns: list[str], features, override: str | None,
     for name in columns:
         if name != exclude and features is not None and isinstance(features.get(name), datasets.ClassLabel):
             return _check_not_index(name, "--label-column")
+    if columns == [exclude]:  # images alone: what an image folder with a single class sub-folder gives
+        raise KdcliError(
+            f"dataset {spec!r} has images but no labels: an image folder needs a sub-folder per class, at least "
+            "two of them holding images (for a single class there is nothing to classify)")
     raise KdcliError(
         f"dataset {spec!r} has no label column (none named label/fine_label/labels, none of type ClassLabel; "
         f"columns: {listed}): pass --label-column NAME"

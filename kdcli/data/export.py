@@ -35,6 +35,13 @@ def corrupt_dataset(spec: str, out: Path, *, noise: str | None, imbalance: str |
         raise KdcliError("nothing to do: give --noise and/or --imbalance")
     if out.exists() and not overwrite:
         raise KdcliError(f"--out {out} exists; pass --overwrite to replace it or choose another --out")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        what = "is not a folder" if not out.is_dir() else f"is not a corrupted dataset (no {MANIFEST})"
+        raise KdcliError(f"--out {out} {what}: --overwrite only replaces what corrupt-dataset wrote; choose "
+                         "another --out")
+    for parent in out.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise KdcliError(f"--out {out}: {parent} is a file, not a folder")
     bundle = open_data(spec, image_column=image_column, label_column=label_column, train_split=split,
                        eval_split=eval_split, augment="none")
     block = bundle.corrupt(noise, imbalance, seed, class_order)

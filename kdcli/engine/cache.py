@@ -68,6 +68,9 @@ class TeacherCache:
     def _check_manifest(self) -> None:
         path = self.root / MANIFEST
         mine = self.describe()
+        for folder in (self.root, *self.root.absolute().parents):
+            if folder.exists() and not folder.is_dir():
+                raise KdcliError(f"--teacher-cache {self.root}: {folder} is a file, not a folder")
         if path.is_file():
             try:
                 theirs = json.loads(path.read_text())

@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kdcli import methods, models
-from kdcli.config import RunConfig
+from kdcli.config import make_config
 from kdcli.data import DEFAULT_MAX_BAD_FRACTION, DataBundle, open_data
 from kdcli.data.corruption import check_class_order
 from kdcli.engine import report as rep
@@ -47,6 +47,9 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, *, split: str | None = No
     compared through their mean probability). The split is used as it is, unless ``noise``/``imbalance`` ask for
     it to be corrupted (then the report says how)."""
     path = Path(checkpoint).expanduser()
+    # the options a run shares, checked before anything is loaded (one line naming the option)
+    cfg = make_config(command="train", student=str(path), dataset=dataset, out=".", batch_size=batch_size,
+                      precision=precision, workers=workers, max_bad_fraction=max_bad_fraction)
     if path.is_dir() and (path / MODEL_FILE).is_file():  # a run folder stands for its checkpoint
         path = path / MODEL_FILE
     if not path.is_file():
@@ -70,8 +73,6 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, *, split: str | None = No
                                                                                                      strict=True)]
     t_loaded = t_all[0] if t_all else None
     t_model = models.Ensemble([t.model for t in t_all]) if len(t_all) > 1 else (t_loaded.model if t_all else None)
-    cfg = RunConfig(command="train", student=str(path), dataset=dataset, out=".", batch_size=batch_size,
-                    precision=precision, workers=workers, max_bad_fraction=max_bad_fraction)
     accelerator = make_accelerator(precision, 0)
     model = loaded.model.to(accelerator.device).eval()
     if t_model is not None:

@@ -57,13 +57,14 @@ def stored_config(out: Path) -> RunConfig:
 
 
 def resumed_config(out: Path) -> RunConfig:
-    """The configuration of the interrupted run in ``out`` (``--resume DIR``)."""
+    """The configuration of the interrupted run in ``out`` (``--resume DIR``), writing to ``out``: a run folder
+    that was moved or copied continues where it now is, never in the folder it was started in."""
     state = folder_state(out)
     if state == "finished":
         raise KdcliError(f"{out} holds a finished run; nothing to resume")
     if state == "fresh":
         raise KdcliError(f"{out} holds no interrupted run to resume (no {RESUME_DIR}/{PROGRESS_FILE})")
-    return stored_config(out)
+    return stored_config(out).model_copy(update={"out": str(out)})
 
 
 def differences(stored: dict, wanted: dict, ignore: tuple[str, ...] = ()) -> list[str]:
