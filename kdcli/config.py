@@ -6,9 +6,18 @@ from its report alone.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+)
 
 from kdcli.errors import KdcliError
 
@@ -109,6 +118,16 @@ class RunConfig(BaseModel):
     def _one_or_many(cls, v):
         return [v] if isinstance(v, str | int) and not isinstance(v, bool) else (v or None)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_flag_for_a_number(cls, v, info: ValidationInfo):
+        """``epochs: true`` in a config file is a mistake, not 1 epoch (pydantic would read it as one)."""
+        kind = str(cls.model_fields[info.field_name].annotation)
+        if isinstance(v, bool) and "bool" not in kind:
+            what = "a number" if re.search(r"\b(int|float)\b", kind) and "str" not in kind else "a value"
+            raise ValueError(f"expected {what}, not {str(v).lower()}")
+        return v
+
     @field_serializer("teacher", "teacher_weights", "teacher_image_size")
     def _one_as_itself(self, v):
         return v[0] if v is not None and len(v) == 1 else v
@@ -144,7 +163,7 @@ def make_config(**values) -> RunConfig:
     except ValidationError as e:
         err = e.errors()[0]
         opt = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
-        raise KdcliError(f"invalid {opt}: {err['msg'].lower()}") from None
+        raise KdcliError(f"invalid {opt}: {err['msg'].removeprefix('Value error, ').lower()}") from None
 
 
 def default(name: str):

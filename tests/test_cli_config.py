@@ -193,6 +193,8 @@ def test_a_train_report_config_round_trips_through_train(resolved, tmp_path):
     ("distill", "run.yaml", "- epochs\n", "expected a mapping of run options"),
     ("distill", "run.txt", "epochs: 3\n", "give a .yaml, .yml, .toml or .json file"),
     ("distill", "run.yaml", "epochs: 0\n", r"invalid --epochs: .* \(from --config "),
+    ("distill", "run.yaml", "epochs: true\n", r"invalid --epochs: expected a number, not true \(from --config "),
+    ("distill", "run.yaml", "noise: false\n", r"invalid --noise: expected a value, not false \(from --config "),
     ("distill", "run.yaml", "teacher_image_size: [0]\n", r"invalid --teacher-image-size-0: .* \(from --config "),
     ("distill", "run.yaml", "decay_milestones: 1,x\n", "decay_milestones '1,x' is not a comma-separated list"),
     ("distill", "run.yaml", "method_args: [T]\n", "method_args 'T' is not KEY=VALUE"),

@@ -79,6 +79,22 @@ def test_checkpoint_errors(tmp_path):
         models.load(str(tmp_path / "missing.safetensors"), FACTS)
 
 
+def test_weights_that_need_unpickling_are_refused_in_one_line_without_torchs_advice(tmp_path):
+    """kdcli never unpickles code: torch's own advice (weights_only=False) is not passed on, its reason is."""
+    pickled = tmp_path / "w.pth"
+    torch.save({"net": print}, str(pickled))
+    text = tmp_path / "t.pth"
+    text.write_text('{"a": 1}')
+    for path, reason in [(pickled, "Unsupported global"), (text, "Unsupported operand")]:
+        with pytest.raises(KdcliError) as exc:
+            models.load("cifar_resnet8", FACTS, weights=str(path))
+        message = str(exc.value)
+        assert "loads without unpickling code" in message and reason in message, message
+        assert "weights_only" not in message and "\n" not in message
+    with pytest.raises(KdcliError, match="is a folder"):
+        models.load("cifar_resnet8", FACTS, weights=str(tmp_path))
+
+
 def test_weights_file_into_named_architecture(tmp_path):
     src = models.load("cifar_resnet8", RGB).model
     pth = tmp_path / "w.pth"

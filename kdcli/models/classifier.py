@@ -13,6 +13,7 @@ classifier of another size is re-initialised and a stem of another channel count
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,7 +225,14 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds here; all mean "not a loadable weights file"
-        raise KdcliError(f"cannot read weights from {path}: {str(e).splitlines()[0][:200]}") from None
+        # torch's own advice (re-run with weights_only=False: unpickle it) is what kdcli never does: keep its reason
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        reason = found.group(1) if found else (text.strip().splitlines() or [type(e).__name__])[0]
+        cut = r" This file can still be loaded| Please use| In PyTorch 2\.6|\. This is an internal"
+        reason = re.split(cut, reason)[0].rstrip(" .:")
+        raise KdcliError(f"cannot read weights from {path} (not a tensor file that loads without unpickling code: "
+                         f"{reason[:160]})") from None
     for key in ("state_dict", "model", "model_state_dict", "net"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -535,7 +543,8 @@ def _load_weights(spec: str, data: DataFacts, weights: str, image_size: int | No
     timm re-initialises a classifier of another size and adapts a first conv of another channel count."""
     wpath = Path(weights).expanduser()
     if not wpath.is_file():
-        raise KdcliError(f"weights file {weights} does not exist ({option}-weights)")
+        raise KdcliError(f"weights file {weights} {'is a folder' if wpath.is_dir() else 'does not exist'} "
+                         f"({option}-weights)")
     what = f"{option}-weights {weights}"
     sd = _read_state_dict(wpath)
     fmeta = _file_meta(wpath)  # a kdcli checkpoint given as a weights file describes itself
