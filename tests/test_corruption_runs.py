@@ -83,6 +83,18 @@ def test_corrupt_dataset_writes_what_a_run_would_train_on_and_reads_back(tmp_pat
     kdcli("train", "--model", "cifar_resnet8", "--dataset", out, "--epochs", "1", "--out", tmp_path / "run")
     rep = Report.model_validate_json((tmp_path / "run" / "report.json").read_text())
     assert rep.data.num_train == len(train) and rep.data.eval_split == "test" and rep.data.num_eval == 60
+    # ... and reports the folder's corruption as a run with --noise would: the spec, the rate measured on what it
+    # trained on, and how the final model treats the noisy labels
+    c = rep.data.corruption
+    assert (c["noise"], c["imbalance"], c["recorded_in"]) == ("symmetric:0.3", "longtail:4", str(out / "manifest.json"))
+    assert c["noise_rate"] == pytest.approx(float(np.mean(np.array(train["noisy"]))))
+    diag = c["diagnostics"]
+    assert {"memorised", "corrected"} <= set(diag) and 0 <= diag["memorised"] + diag["corrected"] <= 1
+    assert rep.data.train_class_counts == np.bincount(train["clean_label"], minlength=4).tolist()  # by true class
+    # corrupting it again would take its corrupted labels for the truth: refused
+    err = fails(capsys, "train", "--model", "cifar_resnet8", "--dataset", out, "--noise", "symmetric:0.1",
+                "--out", tmp_path / "again")
+    assert "is a folder kdcli corrupt-dataset wrote" in err and not (tmp_path / "again").exists()
     assert "exists" in fails(capsys, "corrupt-dataset", "--dataset", "synthetic:8:4:300", "--noise", "pairflip:0.1",
                              "--out", out)
     assert "nothing to do" in fails(capsys, "corrupt-dataset", "--dataset", "digits", "--out", tmp_path / "y")

@@ -18,10 +18,12 @@ Images are read undecoded and decoded here, one example at a time, with the colu
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -256,6 +258,7 @@ class DataBundle:
     root: str | None = None  # folder of a local dataset (names unreadable files relative to it)
     _image_feature: Any = field(default=None, repr=False, compare=False)  # datasets.Image that decodes the column
     _epoch: int = field(default=0, repr=False, compare=False)
+    _recorded_clean: Any = field(default=None, repr=False, compare=False)  # a corrupt-dataset folder's clean labels
     _train_sets: list = field(default_factory=list, repr=False, compare=False)  # augmenting map-style views
     _stream_fns: list = field(default_factory=list, repr=False, compare=False)  # augmenting stream functions
     native_size: int | None = None  # the size before set_input: open_data's image_size, or the data's own
@@ -356,6 +359,38 @@ class DataBundle:
                 f"the {self.train_split!r} split of dataset {self.name!r} has labels outside 0..{self.num_classes - 1} "
                 f"(min {labels.min()}, max {labels.max()}; -1 usually means unlabelled): pick another split")
         return labels
+
+    def recorded_manifest(self) -> tuple[Path, dict[str, Any]] | None:
+        """(path, manifest) when this is a folder ``kdcli corrupt-dataset`` wrote, read map-style with its own
+        label column: its ``label`` is corrupted and its ``clean_label`` the truth. None for other data."""
+        if self._recorded_clean is None:
+            return None
+        path = Path(self.root) / CORRUPTED_MANIFEST
+        try:
+            manifest = json.loads(path.read_text())
+            return (path, manifest) if isinstance(manifest.get("corruption"), dict) else None
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def recorded_corruption(self) -> dict[str, Any] | None:
+        """The corruption of a ``kdcli corrupt-dataset`` folder (:meth:`recorded_manifest`), measured again on
+        the rows used, with its ``clean_label`` column set beside the corrupted labels: a run on such a folder
+        reports its noise and the memorised / corrected diagnostics, as a run with ``--noise`` does. None for
+        other data (and a streamed parquet folder, whose rows are not known ahead)."""
+        from kdcli.data import corruption as cor
+
+        found = self.recorded_manifest()
+        if found is None:
+            return None
+        path, manifest = found
+        full, used = self._label_rows(self._train, self._train_subset)
+        clean, noisy = self._recorded_clean[used], full[used]
+        self._rows = used
+        self._noisy, self.clean_labels = _by_row(len(full), used, noisy), _by_row(len(full), used, clean)
+        block = {**manifest["corruption"], "recorded_in": str(path),  # done by corrupt-dataset, not by this run
+                 "class_counts_after": cor.class_counts(noisy, self.num_classes)}
+        block.update(cor.noise_report(clean, noisy, self.num_classes))
+        return block
 
     def training_labels(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(clean, corrupted) labels by original row index (-1 for rows of the split not used: outside a
@@ -478,6 +513,9 @@ class DataBundle:
         return self._eval.select(self._eval_subset, keep_in_memory=True)
 
 
+CORRUPTED_MANIFEST = "manifest.json"  # what kdcli corrupt-dataset writes beside its parquet splits
+
+
 def _by_row(size: int, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
     """``values`` of ``rows`` spread over a whole split's rows (-1 for the others)."""
     out = np.full(size, -1, dtype=np.int64)
@@ -557,6 +595,7 @@ def open_data(
     image_col = _image_column(spec, columns, features, image_column)
     label_col = _label_column(spec, columns, features, label_column, exclude=image_col)
     keep = [image_col, label_col]
+    recorded_clean = None  # the clean_label column of a folder kdcli corrupt-dataset wrote
     warnings: list[str] = []
     train_rows = eval_rows = None
 
@@ -571,6 +610,8 @@ def open_data(
         eval_ = _materialize(spec, _image_typed(spec, splits[eval_spec.name].select_columns(keep), image_col))
         num_train = _stream_num_examples(splits[train_name], train_name)
     else:
+        if label_col == "label" and "clean_label" in columns and _data_root(raw) is not None:  # corrupt-dataset's
+            recorded_clean = _label_array(train, "clean_label").astype(np.int64)
         train = _image_typed(spec, train.select_columns(keep), image_col)
         train_rows = slice_rows(spec, train_spec, len(train), "--train-split")
         if eval_spec is None:
@@ -642,6 +683,7 @@ def open_data(
         _default_augment=raw.default_augment,
         _train_subset=train_rows,
         _eval_subset=eval_rows,
+        _recorded_clean=recorded_clean,
     )
 
 

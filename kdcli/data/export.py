@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from kdcli import __version__
-from kdcli.data.bundle import open_data
+from kdcli.data.bundle import CORRUPTED_MANIFEST, open_data
 from kdcli.errors import KdcliError
 
-MANIFEST = "manifest.json"
+MANIFEST = CORRUPTED_MANIFEST
 
 
 def corrupt_dataset(spec: str, out: Path, *, noise: str | None, imbalance: str | None, seed: int = 0,

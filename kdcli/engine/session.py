@@ -304,8 +304,13 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     if "index" in mspec.needs and data.train_labels() is None:
         raise KdcliError(f"--method {cfg.method} keeps a memory per training example, indexed by its row: it needs "
                          "map-style data; drop --streaming")
-    corruption = (data.corrupt(cfg.noise, cfg.imbalance, cfg.corruption_seed, cfg.class_order)
-                  if cfg.noise or cfg.imbalance else None)
+    if cfg.noise or cfg.imbalance:
+        if data.recorded_manifest() is not None:  # its clean labels would be taken for the truth
+            raise KdcliError(f"--dataset {cfg.dataset} is a folder kdcli corrupt-dataset wrote (its labels are "
+                             "corrupted already): give --noise / --imbalance with its source instead, or drop them")
+        corruption = data.corrupt(cfg.noise, cfg.imbalance, cfg.corruption_seed, cfg.class_order)
+    else:
+        corruption = data.recorded_corruption()  # a corrupt-dataset folder reports its own corruption
     facts = data_facts(data)
     # the student's own input (a pretrained timm model's data configuration, a checkpoint's, else the data's
     # native size; --image-size overrides) sets what the loader makes; a student starts from its weights
