@@ -583,8 +583,8 @@ def _key_values(items: list[str], label: str = "--method-arg") -> dict[str, str]
 def evaluate(
     checkpoint: Annotated[str, typer.Argument(help="a kdcli checkpoint (model.safetensors)")],
     dataset: Annotated[str, typer.Option(help="dataset to evaluate on (as for train)", rich_help_panel=DATA)],
-    split: Annotated[str | None, typer.Option(help="split \\[default: test/validation/valid]",
-                                              rich_help_panel=DATA)] = None,
+    split: Annotated[str | None, typer.Option(
+        "--split", "--eval-split", help="split \\[default: test/validation/valid]", rich_help_panel=DATA)] = None,
     teacher: Annotated[list[str] | None, typer.Option(
         help="compare with this teacher (agreement, KL, its own top-1); repeat for an ensemble",
         rich_help_panel=MODELS)] = None,

@@ -246,6 +246,10 @@ def test_evaluate_takes_a_run_folder_and_refuses_other_folders(runs, tmp_path, c
     (tmp_path / "afile").write_text("x")
     assert "is a file" in fails(capsys, "evaluate", runs / "ce", "--dataset", "digits", "--out",
                                 tmp_path / "afile" / "e.json")
+    # the data's messages name --eval-split, which evaluate takes beside --split
+    assert "fix --eval-split" in fails(capsys, "evaluate", runs / "ce", "--dataset", "digits", "--split", "nosuch")
+    kdcli("evaluate", runs / "ce", "--dataset", "digits", "--eval-split", "test[:40]", "--out", tmp_path / "s.json")
+    assert EvalReport.model_validate_json((tmp_path / "s.json").read_text()).data.num_eval == 40
 
 
 def test_an_unreadable_resume_state_is_one_line(tmp_path, capsys):
