@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -248,12 +249,20 @@ def test_factor_loss_is_zero_for_identical_normalised_factors():
     assert factor_loss(x, F.interpolate(y, size=(6, 6))).item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
-def test_ft_beta_scales_the_term():
+def test_ft_beta_scales_the_term_and_defaults_to_the_authors_500():
+    """The term is β · mean |F_s/‖F_s‖ − F_t/‖F_t‖| over the flattened factors of the translator (student) and
+    the frozen paraphraser's encoder (teacher), computed here in float64 numpy; β = 500 as in the authors' code."""
     s, t = _outputs(STUDENT, 1), _outputs(TEACHER, 2)
     torch.manual_seed(0)
-    base = build("ft", {}, STUDENT, TEACHER)(s, t, _target())["ft"]
+    m = build("ft", {}, STUDENT, TEACHER)
+    base = m(s, t, _target())["ft"]
+    with torch.no_grad():
+        f_s = m.translator(s.features[-1]).flatten(1).double().numpy()
+        f_t = m.paraphraser.encoder(t.features[-1]).flatten(1).double().numpy()
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    assert base.item() == pytest.approx(500 * np.abs(unit(f_s) - unit(f_t)).mean(), rel=1e-5)
     torch.manual_seed(0)
-    double = build("ft", {"beta": "400"}, STUDENT, TEACHER)(s, t, _target())["ft"]
+    double = build("ft", {"beta": "1000"}, STUDENT, TEACHER)(s, t, _target())["ft"]
     assert double.item() == pytest.approx(2 * base.item(), rel=1e-6)
 
 

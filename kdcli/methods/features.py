@@ -276,15 +276,18 @@ class FT(Method):
     matched map: ``ft_paraphraser = MSE(dec(enc(f_t)), f_t)`` (RepDistiller's init loss, weight 1). Then it
     is frozen (eval mode, no gradient) and a translator (three 3×3 conv + BN + LeakyReLU(0.1), student
     channels → k·C_t) on the student's last matched map is trained with
-    ``ft = β · mean |F_s/‖F_s‖₂ − F_t/‖F_t‖₂|^p`` on the flattened factors, p = 1, β = 200 (RepDistiller),
-    next to CE. Factors are average-pooled to the smaller grid first.
+    ``ft = β · mean |F_s/‖F_s‖₂ − F_t/‖F_t‖₂|^p`` on the flattened factors, p = 1, β = 500 (the authors' code,
+    Jangho-Kim/Factor-Transfer-pytorch ``train_student.py``: ``--beta 500``), next to CE. Factors are
+    average-pooled to the smaller grid first.
 
     The factor loss on the flattened factors is the paper's Eq. (3) and its authors' code
-    (``F.normalize(factor.view(B, -1))`` + ``L1Loss``); RepDistiller's ``FactorTransfer`` instead compares
-    channel-mean attention maps of the factors, so the same β weighs a term of a different scale here.
-    The paraphraser has BN after each conv by default, as in the paper's authors' code; RepDistiller's has
-    none (``paraphraser_bn=false``). kdcli keeps BN because without it the reconstruction diverged to inf
-    within a few steps on an untrained CNN teacher whose last-stage activations are large.
+    (``F.normalize(factor.view(B, -1))`` + ``L1Loss``), so β is theirs. RepDistiller's ``FactorTransfer`` instead
+    compares channel-mean attention maps of the factors, a term about 3× larger, with β = 200; kdcli used 200
+    with the authors' form until its CIFAR-10 study (which ran with ``beta=200``: pass it to repeat those runs).
+    The paraphraser has BN after each conv by default, which neither source has (the authors' code has its BN
+    lines commented out, ``Models/FeatureProjection.py``; RepDistiller's paraphraser has none): without it the
+    reconstruction diverged to inf within a few steps on an untrained CNN teacher whose last-stage activations
+    are large (``paraphraser_bn=false`` gives theirs). The translator's BN is RepDistiller's.
     """
 
     name = "ft"
@@ -294,11 +297,12 @@ class FT(Method):
     stages_note = "warm-up: paraphraser reconstructs the teacher (warmup × epochs, default 0.125); then CE + β·factor"
 
     class Args(MethodArgs):
-        beta: float = Field(200.0, ge=0.0, description="weight of the factor-transfer term")
+        beta: float = Field(500.0, ge=0.0, description="weight of the factor-transfer term")
         k: float = Field(0.5, gt=0.0, le=4.0, description="paraphrase rate: factor channels = k × teacher channels")
         p: int = Field(1, ge=1, le=2, description="norm of the factor distance (1: L1, 2: squared L2)")
         ce_weight: float = Field(1.0, ge=0.0, description="weight of the hard-label cross-entropy")
-        paraphraser_bn: bool = Field(True, description="BN in the paraphraser (authors' code; RepDistiller: none)")
+        paraphraser_bn: bool = Field(True, description="BN in the paraphraser (kdcli's; the authors' and "
+                                                       "RepDistiller's have none)")
         warmup: float = warmup_field()
 
     def __init__(self, args=None, student: Shapes | None = None, teacher: Shapes | None = None):
