@@ -123,8 +123,11 @@ class CRD(Method):
     (teacher's detached; W_t trains, as in the reference). Two memories M_s, M_t (N_rows × dim, N_rows the
     dataset's rows, indexed by each example's original row) start uniform in ±1/√(dim/3). For each example i
     of the batch, column 0 is its own row and K = ``negatives`` rows are drawn uniformly, with replacement, from
-    the training rows of other classes (mdistiller's "exact" mode, RepDistiller's ``np.random.choice`` in
-    ``CIFAR100InstanceSample``; rows labelled −1, not trained on, are never drawn; torch's global RNG):
+    the training rows of other classes (mdistiller's "exact" mode; rows labelled −1, not trained on, are never
+    drawn; torch's global RNG). RepDistiller's ``CIFAR100InstanceSample`` draws them without replacement when
+    there are enough (``replace = K > len(cls_negative[target])``): on CIFAR, 16,384 of ~49,500 rows, where
+    drawing with replacement repeats about 16 % of them; kdcli keeps the cheaper draw (one ``randint`` per
+    batch, no per-example permutation):
     P_s[i, j] = exp(⟨M_t[j], e_s,i⟩ / T) / Z_s and P_t[i, j] = exp(⟨M_s[j], e_t,i⟩ / T) / Z_t, with
     Z = mean(exp(·)) · N set once from the first batch (over every process) and kept. With noise P_n = 1/N
     (N the number of training rows: RepDistiller's memory size; N cancels from P/(K·P_n)) and m = K·P_n,
@@ -136,8 +139,9 @@ class CRD(Method):
 
     Defaults: beta 0.8 with cross-entropy weight 1 and no KD term (RepDistiller ``-r 1 -a 0 -b 0.8``,
     mdistiller ``CRD.LOSS.FEAT_WEIGHT`` 0.8, ``CE_WEIGHT`` 1), K 16384, T 0.07, momentum 0.5, dim 128
-    (mdistiller ``CRD.NCE``/``CRD.FEAT``, RepDistiller ``--nce_k/--nce_t/--nce_m/--feat_dim``). CRD+KD
-    (RepDistiller ``-a 1 -b 0.8``) is ``--method kd+crd``; note its CE weight is then KD's.
+    (mdistiller ``CRD.NCE``/``CRD.FEAT``, RepDistiller ``--nce_k/--nce_t/--nce_m/--feat_dim``). CRD+KD is
+    ``--method kd+crd``, whose CE and KD weights are KD's (0.1, 0.9); RepDistiller's CRD+KD (``-r 1 -a 1 -b 0.8``)
+    weighs both 1: ``--method kd+crd --method-arg kd.ce_weight=1 --method-arg kd.kd_weight=1``.
 
     Memory cost: 2 · N_rows · dim · 4 bytes (at dim 128: 51 MB for CIFAR's 50,000 rows, 1.3 GB for ImageNet's
     1.28 M), held on every process and saved with the resume state. Map-style data only. Scores are read from
