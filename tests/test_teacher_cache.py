@@ -171,6 +171,7 @@ def test_mismatches_and_methods_that_cannot_use_a_cache_are_refused(teachers, fi
     err = fails(capsys, "cache-teacher", *cases["noise"][0])
     assert "holds logits of another" in err and "noise" in err
     refused = {"at": (["--method", "at"], "cannot use --teacher-cache"),
+               "ce": (["--method", "ce"], "reads no teacher, so there is nothing to cache"),
                "mixup": (["--mixup", "0.8"], "--mixup/--cutmix"),
                "streaming": (["--streaming"], "drop --streaming")}
     for name, (args, says) in refused.items():

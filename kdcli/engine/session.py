@@ -290,6 +290,9 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     if cfg.compile:
         recipe.check_compile(accelerator.device)
     if cfg.teacher_cache:
+        if not mspec.uses_teacher:
+            raise KdcliError(f"--method {cfg.method} reads no teacher, so there is nothing to cache: drop "
+                             "--teacher-cache")
         if not mspec.cacheable:
             raise KdcliError(f"--method {cfg.method} cannot use --teacher-cache: it needs more of the teacher than its "
                              "logits on the batch (features, its own forward passes, or a teacher that trains); "
