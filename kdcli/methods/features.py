@@ -282,7 +282,7 @@ class FT(Method):
 
     The factor loss on the flattened factors is the paper's Eq. (3) and its authors' code
     (``F.normalize(factor.view(B, -1))`` + ``L1Loss``), so β is theirs. RepDistiller's ``FactorTransfer`` instead
-    compares channel-mean attention maps of the factors, a term about 3× larger, with β = 200; kdcli used 200
+    compares channel-mean attention maps of the factors, a term of another scale, with β = 200; kdcli used 200
     with the authors' form until its CIFAR-10 study (which ran with ``beta=200``: pass it to repeat those runs).
     The paraphraser has BN after each conv by default, which neither source has (the authors' code has its BN
     lines commented out, ``Models/FeatureProjection.py``; RepDistiller's paraphraser has none): without it the
