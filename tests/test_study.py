@@ -543,6 +543,38 @@ def test_ctrl_c_leaves_a_study_that_the_same_command_finishes(tmp_path, monkeypa
     assert json.loads((tmp_path / "o" / "results.json").read_text())["missing"] == []
 
 
+def test_sigterm_between_runs_stops_the_study_with_one_line(tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM while the study waits for its runs (each saves itself in its own process) stops the
+    study at once: one line, 143, no results that look complete; the SIGTERM handler is put back afterwards."""
+    import os
+    import signal
+    import time
+
+    from kdcli.study import execute
+
+    def waiting(todo, finished, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the study")
+
+    monkeypatch.setattr(execute, "execute", waiting)
+    spec = tmp_path / "one.yaml"
+    spec.write_text(ONE)
+    def unhandled(signum, frame):  # what the test process does if the study sets no handler of its own
+        raise AssertionError("the study left SIGTERM to the process's own handler")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            kdcli("study", spec, "--out", tmp_path / "o")
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    err = capsys.readouterr().err
+    assert exc.value.code == 143 and "run the same command again" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
 def test_a_study_shares_one_teacher_cache_per_teacher_and_cell_among_logit_students(tmp_path):
     s = study_spec.parse({"dataset": "synthetic:8:4:64", "pairs": [{"teacher": "cifar_resnet14",
                                                                      "student": "cifar_resnet8"}],

@@ -7,8 +7,10 @@ signal number. A second SIGINT stops at once (KeyboardInterrupt): the resume sta
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
@@ -60,6 +62,26 @@ class StopOnSignal:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             signum = int(flag.item())
         return signum
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While active, SIGTERM raises :class:`Interrupted` at once (SIGINT raises KeyboardInterrupt as always).
+
+    For a process that only waits (a study between its runs, each in its own process that saves itself first):
+    there is no step to finish, so the signal stops it where it is."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+
+    def preempted(signum, frame):
+        raise Interrupted(signum, "preempted")
+
+    previous = signal.signal(signal.SIGTERM, preempted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def ignore_in_worker(_worker_id: int) -> None:

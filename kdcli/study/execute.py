@@ -29,6 +29,7 @@ from rich.progress import (
 from rich.text import Text
 
 from kdcli.engine.session import usable_cpus
+from kdcli.engine.signals import sigterm_raises
 from kdcli.study.plan import LOG_FILE, Run
 
 
@@ -207,5 +208,6 @@ def run_study(spec, runs: list[Run], out: Path, *, jobs: int, console: Console,
     interrupted = sum(s == "interrupted" for s in states.values())
     console.print(f"study {spec.name or out}: {len(runs)} runs, {len(finished)} finished, {interrupted} to resume, "
                   f"{len(todo) - interrupted} to start ({jobs} at a time)", highlight=False, soft_wrap=True)
-    summary = execute(todo, finished, jobs=jobs, console=console)
+    with sigterm_raises():  # a run in progress saves itself first (engine.signals); the study stops between runs
+        summary = execute(todo, finished, jobs=jobs, console=console)
     return results.write_study(out, runs, spec), summary
