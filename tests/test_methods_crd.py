@@ -235,7 +235,7 @@ def test_a_repeated_index_updates_its_row_once_from_its_first_occurrence():
     assert np.allclose(m.memory_s[3].double().numpy(), v / np.linalg.norm(v), rtol=1e-5, atol=1e-6)
 
 
-def test_negatives_come_from_other_classes_and_trained_rows_only():
+def test_negatives_come_from_other_classes_and_trained_rows_only_with_replacement_when_too_few():
     m = _crd(negatives=3000)
     torch.manual_seed(0)
     index = torch.tensor([0, 1, 2, 3, 4, 6, 7, 8, 9, 11])  # every trained row as an anchor
@@ -252,6 +252,48 @@ def test_negatives_come_from_other_classes_and_trained_rows_only():
         assert all(abs(int(counts[r]) - expected) < 0.25 * expected for r in allowed)  # uniform over them
     torch.manual_seed(0)
     assert torch.equal(m.sample_negatives(index), neg)  # torch's global RNG: seeded, repeatable
+
+
+@pytest.mark.parametrize("k", [100, 300])  # 500 other-class rows: beyond 4k (redraw repeats), within (keys)
+def test_negatives_are_distinct_and_uniform_when_there_are_enough(k):
+    """K ≤ the other-class rows: K distinct rows (RepDistiller's CIFAR sampler), each as likely as any other;
+    an anchor of a class with fewer others than K still draws with replacement in the same batch."""
+    labels = torch.tensor([0] * 500 + [1] * 500 + [2] * (1000 - k + 50))  # class 2: 1000 others ≥ k
+    labels[:2] = -1  # rows not trained on are never drawn
+    m = methods.build("crd", {"dim": str(DIM), "negatives": str(k)}, Shapes(3, pooled=DS), Shapes(3, pooled=DT))
+    m.attach_data(labels)
+    torch.manual_seed(0)
+    index = torch.tensor([5, 600, 1200] * 40)
+    counts = torch.zeros((3, len(labels)))
+    for _ in range(5):
+        neg = m.sample_negatives(index)
+        assert neg.shape == (120, k)
+        for b, i in enumerate(index.tolist()):
+            assert len(set(neg[b].tolist())) == k  # no repeat
+            assert (labels[neg[b]] != labels[i]).all() and (labels[neg[b]] >= 0).all()
+            counts[b % 3] += torch.bincount(neg[b], minlength=len(labels))
+    for a, i in enumerate(index[:3].tolist()):
+        allowed = (labels != labels[i]) & (labels >= 0)
+        expected = 200 * k / int(allowed.sum())  # 200 draws of k rows
+        assert counts[a][~allowed].sum() == 0
+        c = counts[a][allowed]  # binomial counts: 200·p(1−p) variance, p = k / allowed
+        spread = math.sqrt(expected * (1 - k / int(allowed.sum())))
+        assert int(c.sum()) == 200 * k  # exactly k per draw
+        assert float(c.std()) < 1.3 * spread and float(c.std()) > 0.7 * spread  # no row favoured
+        assert float((c - expected).abs().max()) < 6 * spread
+    few = torch.tensor([0] * 1100 + [1] * (k // 2))  # class 0's anchors: k/2 others, fewer than k
+    m.attach_data(few)
+    neg = m.sample_negatives(torch.tensor([3, 1100]))
+    assert len(set(neg[0].tolist())) < k // 2 and (few[neg[0]] == 1).all()  # with replacement: repeats
+    assert len(set(neg[1].tolist())) == k and (few[neg[1]] == 0).all()
+
+
+def test_distinct_draws_keep_no_repeat_even_when_k_is_every_value():
+    torch.manual_seed(0)
+    for n, k in [(7, 7), (50, 12), (1000, 20)]:
+        u = contrastive._distinct_draws(torch.tensor([[n], [n + 3]]), k)
+        assert u.shape == (2, k) and all(len(set(r.tolist())) == k for r in u)
+        assert int(u[0].max()) < n and int(u[1].max()) < n + 3 and int(u.min()) >= 0
 
 
 def test_one_class_and_missing_index_are_refused():

@@ -83,6 +83,35 @@ class _MemoryScores(torch.autograd.Function):
         return grad + hits @ change, None, None, None
 
 
+def _distinct_draws(n: Tensor, k: int) -> Tensor:
+    """Row r: k distinct integers drawn uniformly from [0, n[r]) (n: R × 1, every n[r] ≥ k), in no set order.
+
+    Where n ≤ 4k, the k smallest of n uniform keys (R × max n floats: at most 4× the draws). Beyond, draws with
+    replacement whose repeats are drawn again until none is left: under 12 % repeat at first and each round
+    leaves under a quarter of them, so a few rounds, and no R × n table for a million rows. Both give every k-set
+    the same chance (neither tells one value from another)."""
+    out = torch.empty((len(n), k), dtype=torch.long, device=n.device)
+    small = n.squeeze(1) <= 4 * k
+    if bool(small.any()):
+        ns = n[small]
+        keys = torch.rand((len(ns), int(ns.max())), device=n.device)
+        keys.masked_fill_(torch.arange(keys.shape[1], device=n.device) >= ns, 2.0)  # past n: never among the k
+        out[small] = keys.topk(k, dim=1, largest=False, sorted=False).indices
+    if not bool(small.all()):
+        nb = n[~small]
+        u = torch.randint(0, 1 << 62, (len(nb), k), device=n.device) % nb
+        while True:
+            ordered, order = u.sort(dim=1)
+            repeat = torch.zeros_like(u, dtype=torch.bool)
+            repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+            if not bool(repeat.any()):
+                break
+            repeat = torch.zeros_like(repeat).scatter_(1, order, repeat)  # back to the draws' positions
+            u = torch.where(repeat, torch.randint(0, 1 << 62, u.shape, device=n.device) % nb, u)
+        out[~small] = u
+    return out
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -122,12 +151,12 @@ class CRD(Method):
     Embeddings: e_s = L2norm(W_s f_s + b_s), e_t = L2norm(W_t f_t + b_t), ``dim`` wide, f the pooled features
     (teacher's detached; W_t trains, as in the reference). Two memories M_s, M_t (N_rows × dim, N_rows the
     dataset's rows, indexed by each example's original row) start uniform in ±1/√(dim/3). For each example i
-    of the batch, column 0 is its own row and K = ``negatives`` rows are drawn uniformly, with replacement, from
-    the training rows of other classes (mdistiller's "exact" mode; rows labelled −1, not trained on, are never
-    drawn; torch's global RNG). RepDistiller's ``CIFAR100InstanceSample`` draws them without replacement when
-    there are enough (``replace = K > len(cls_negative[target])``): on CIFAR, 16,384 of ~49,500 rows, where
-    drawing with replacement repeats about 16 % of them; kdcli keeps the cheaper draw (one ``randint`` per
-    batch, no per-example permutation):
+    of the batch, column 0 is its own row and K = ``negatives`` rows are drawn uniformly from the training rows
+    of other classes (mdistiller's "exact" mode; rows labelled −1, not trained on, are never drawn; torch's
+    global RNG): K distinct rows when there are at least K, as RepDistiller's ``CIFAR100InstanceSample``
+    (``replace = K > len(cls_negative[target])``; on CIFAR-10/100, 16,384 of ~45,000/~49,500 rows), else with
+    replacement (a subset smaller than K, as in kdcli's CPU studies). The distinct draw costs more than the
+    old one ``randint``: about 0.08 s per batch of 64 at CIFAR-10 size on one CPU core, against 0.01 s:
     P_s[i, j] = exp(⟨M_t[j], e_s,i⟩ / T) / Z_s and P_t[i, j] = exp(⟨M_s[j], e_t,i⟩ / T) / Z_t, with
     Z = mean(exp(·)) · N set once from the first batch (over every process) and kept. With noise P_n = 1/N
     (N the number of training rows: RepDistiller's memory size; N cancels from P/(K·P_n)) and m = K·P_n,
@@ -198,13 +227,18 @@ class CRD(Method):
         self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
 
     def sample_negatives(self, index: Tensor) -> Tensor:
-        """K training rows per example (B × K), uniform with replacement among the rows of the other classes."""
+        """K training rows per example (B × K) among the rows of the other classes: K distinct ones when there are
+        at least K (RepDistiller's ``replace = K > len(cls_negative[target])``), else uniform with replacement."""
         y = self.labels[index]
         if bool((y < 0).any()):
             raise ValueError(f"crd: row {int(index[y < 0][0])} is not one of the training rows it was given")
+        k = self.args.negatives
         count, start = self.class_count[y].unsqueeze(1), self.class_start[y].unsqueeze(1)
         others = self.n_data - count  # ≥ 1: attach_data checked there are two classes
-        u = torch.randint(0, 1 << 62, (len(index), self.args.negatives), device=index.device) % others
+        u = torch.randint(0, 1 << 62, (len(index), k), device=index.device) % others
+        enough = others.squeeze(1) >= k
+        if bool(enough.any()):
+            u[enough] = _distinct_draws(others[enough], k)
         return self.by_class[u + count * (u >= start)]  # skip over the anchor's own class
 
     def forward(self, s: Outputs, t: Outputs | None, target: Tensor, *, images=None, index=None) -> dict[str, Tensor]:
