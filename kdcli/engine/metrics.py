@@ -16,30 +16,38 @@ from kdcli.methods.base import kl_div
 
 
 class Evaluator:
-    """Accumulates one pass over an evaluation split; ``compute()`` gives a :class:`Metrics`."""
+    """Accumulates one pass over an evaluation split; ``compute()`` gives a :class:`Metrics`.
+
+    Every process is given every row (the session gathers them, each row once), so the metrics compute from
+    their own state: torchmetrics' own sync would count each row once per process, and gathers CPU tensors,
+    which an NCCL-only process group cannot."""
 
     def __init__(self, num_classes: int, class_names: list[str], with_teacher: bool):
         self.class_names = class_names
         self.top5 = num_classes > 5
+        local = {"sync_on_compute": False}
         metrics = {
-            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-            "per_class": MulticlassAccuracy(num_classes, top_k=1, average="none"),
-            "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"),
+            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro", **local),
+            "per_class": MulticlassAccuracy(num_classes, top_k=1, average="none", **local),
         }
         if self.top5:
-            metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+            metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", **local)
         self.cls = MetricCollection(metrics)
+        # given probabilities: on logits, torchmetrics applies the softmax only to a batch with a value outside
+        # [0, 1], and takes a batch of small logits for probabilities
+        self.ece = MulticlassCalibrationError(num_classes, n_bins=15, norm="l1", **local)
         self.support = torch.zeros(num_classes, dtype=torch.long)
-        self.nll = MeanMetric()
-        self.agree = MeanMetric() if with_teacher else None
-        self.kl = MeanMetric() if with_teacher else None
-        self.teacher_top1 = MeanMetric() if with_teacher else None
+        self.nll = MeanMetric(**local)
+        self.agree = MeanMetric(**local) if with_teacher else None
+        self.kl = MeanMetric(**local) if with_teacher else None
+        self.teacher_top1 = MeanMetric(**local) if with_teacher else None
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, target: torch.Tensor, teacher_logits: torch.Tensor | None = None):
         logits, target = logits.float().cpu(), target.cpu()
         n = target.numel()
         self.cls.update(logits, target)
+        self.ece.update(logits.softmax(1), target)
         self.support += torch.bincount(target, minlength=self.support.numel())
         self.nll.update(F.cross_entropy(logits, target), weight=n)
         if self.agree is not None and teacher_logits is not None:
@@ -57,7 +65,7 @@ class Evaluator:
             top1=float(r["top1"]),
             top5=float(r["top5"]) if self.top5 else None,
             nll=float(self.nll.compute()),
-            ece=float(r["ece"]),
+            ece=float(self.ece.compute()),
             per_class_top1=per_class,
             balanced_top1=balanced_top1(accs),
             teacher_agreement=float(self.agree.compute()) if self.agree is not None else None,
