@@ -65,3 +65,49 @@ def test_evaluation_makes_no_collective_under_a_process_group(tmp_path, monkeypa
         dist.destroy_process_group()
     top1, nll, ece = _expected()
     assert m.top1 == pytest.approx(top1) and m.ece == pytest.approx(ece, abs=1e-5)
+
+
+EPOCH_SCRIPT = """
+import json, sys
+from types import SimpleNamespace
+import torch.distributed as dist
+from kdcli.engine.loop import epoch_means
+rank, store, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+sums, seen = ({"ce": 6.0, "kd": 2.0}, 4) if rank == 0 else ({"ce": 30.0, "kd": 1.0}, 6)
+terms, total = epoch_means(SimpleNamespace(num_processes=2, device="cpu"), sums, seen)
+json.dump({"terms": terms, "seen": total}, open(out, "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_an_epochs_loss_and_images_are_those_of_every_process(tmp_path):
+    """Two processes: the loss terms are means over both shards' examples (not rank 0's) and the count is theirs."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "epoch.py"
+    script.write_text(EPOCH_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store"),
+                               str(tmp_path / f"r{r}.json")], env=env, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
+    for r in (0, 1):
+        got = json.loads((tmp_path / f"r{r}.json").read_text())
+        assert got["seen"] == 10
+        assert got["terms"] == pytest.approx({"ce": 36.0 / 10, "kd": 3.0 / 10})
+
+
+def test_a_single_process_epoch_mean_is_its_own():
+    from types import SimpleNamespace
+
+    from kdcli.engine.loop import epoch_means
+
+    one = SimpleNamespace(num_processes=1, device="cpu")
+    assert epoch_means(one, {"ce": 6.0}, 4) == (pytest.approx({"ce": 1.5}), 4)
+    assert epoch_means(one, {}, 0) == ({}, 0)

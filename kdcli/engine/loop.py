@@ -116,6 +116,19 @@ def _sync(stop: StopOnSignal, accelerator, n: int) -> tuple[int, int]:
     return int(flags[0]), -int(flags[1])
 
 
+def epoch_means(accelerator, sums: dict[str, float], seen: int) -> tuple[dict[str, float], int]:
+    """(each loss term's mean over the epoch's examples on every process, those examples): one collective with
+    several processes, which all run the same steps and so hold the same terms."""
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        keys = sorted(sums)
+        total = torch.tensor([float(seen), *(sums[k] for k in keys)], dtype=torch.float64, device=accelerator.device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        seen, sums = int(total[0].item()), dict(zip(keys, total[1:].tolist(), strict=True))
+    return ({k: float(v) / seen for k, v in sums.items()} if seen else {}), seen
+
+
 def _union(before: dict | None, now: dict) -> dict:
     """Unreadable training examples over the epochs so far (an epoch may not meet them all: the incomplete
     last batch is dropped): at least as many as any epoch met, and as many as distinct names are known."""
@@ -147,7 +160,6 @@ def _epoch(sess: Session, epoch: int, pos: res.Position, started: float, progres
            stop: StopOnSignal) -> rep.Metrics:
     """Train one epoch (or the rest of one), evaluate, save the resume state; updates ``pos``."""
     cfg, accelerator, out = sess.cfg, sess.accelerator, Path(sess.cfg.out)
-    world = accelerator.num_processes
     set_seed(cfg.seed + epoch)  # sampling, augmentation and dropout depend on (seed, epoch) only: resumable
     warmup = epoch < sess.warmup_epochs
     main_epoch = epoch - sess.warmup_epochs  # 0-based epoch of the main stage (negative in warm-up)
@@ -219,16 +231,16 @@ def _epoch(sess: Session, epoch: int, pos: res.Position, started: float, progres
     skipped = merged(accelerator, skipped)
     skipped.check()
     train_seconds = before + time.time() - t0
+    terms, seen = epoch_means(accelerator, sums, seen)
     if seen == 0:
         raise KdcliError("the training split yielded no batch; is it empty or smaller than --batch-size?")
-    terms = {k: float(v) / seen for k, v in sums.items()}
     metrics = sess.evaluate()
     pos.ema_metrics = sess.evaluate(ema=True) if sess.ema is not None else None
     record = rep.EpochRecord(epoch=epoch + 1, stage="warmup" if warmup else "train", lr=lr,
-                             images=seen * world, loss=sum(terms.values()), terms=terms,
+                             images=seen, loss=sum(terms.values()), terms=terms,
                              eval_top1=metrics.top1, seconds=before + time.time() - t0,
                              eval_top1_ema=pos.ema_metrics.top1 if pos.ema_metrics else None,
-                             images_per_s=seen * world / max(train_seconds, 1e-9))
+                             images_per_s=seen / max(train_seconds, 1e-9))
     pos.history.append(record)
     if not warmup and (pos.best is None or metrics.top1 > pos.best.top1):
         pos.best = rep.Best(epoch=epoch + 1, top1=metrics.top1)
