@@ -338,4 +338,24 @@ def test_gain_over_ce_pairs_seeds_and_a_cell_short_of_seeds_says_so(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| kd | **60.00 ± 7.07 [n=2] (+5.00, 2/2)** |" in md
     assert "| ce (cifar_resnet8) | 60.00 ± 10.00 |" in md  # every seed: no [n=…]
-    assert "[n=k]: over the k seeds finished" in md
+    assert "[n=k]: over the k seeds whose runs finished" in md
+
+
+def test_a_metric_some_reports_lack_says_over_how_many_seeds(tmp_path):
+    """Every run finished, but one report has no balanced or shot top-1 (an older kdcli): those cells say they are
+    over one seed; the top-1 cells, over both, say nothing."""
+    spec = study_spec.parse({"name": "hand", "dataset": "d", "methods": ["kd"], "imbalance": "longtail:10",
+                             "seeds": [0, 1], "pairs": [{"teacher": "cifar_resnet14", "student": "cifar_resnet8"}]})
+    runs = plan.plan(spec, tmp_path)
+    for run in runs:
+        old = run.method == "kd" and run.seed == 1
+        _report(run.out, run.method, run.seed, 0.5 + run.seed / 10, None if old else 0.4 + run.seed / 10,
+                None if old else {"many": 0.5, "medium": 0.3, "few": None}, (1, 0.5))
+    res = results.write_study(tmp_path, runs, spec)
+    kd = next(g for g in res["groups"] if g["method"] == "kd")
+    assert kd["n"] == 2 and kd["top1_n"] == 2 and kd["balanced_top1_n"] == 1 and kd["few_top1_n"] == 0
+    md = (tmp_path / "results.md").read_text()
+    assert "| kd | **55.00 ± 7.07 (+0.00, 0/2)** |" in md  # top-1: both seeds
+    assert "| kd | 40.00 [n=1] |" in md  # balanced top-1: the one report that has it
+    assert "| kd | 50.00 [n=1] | 30.00 [n=1] |" in md  # many, medium
+    assert "[n=k]: over the k seeds whose runs finished (and report it)" in md

@@ -85,7 +85,9 @@ def aggregate(rows: list[dict], keys: list[str]) -> list[dict]:
         g["alone"] = all(r.get("teacher") is None for r in members)  # trained without a teacher
         g["seeds"] = sorted(r["seed"] for r in members)
         for metric in METRICS:
-            g[f"{metric}_mean"], g[f"{metric}_std"] = mean_std([r.get(metric) for r in members])
+            values = [r.get(metric) for r in members]
+            g[f"{metric}_mean"], g[f"{metric}_std"] = mean_std(values)
+            g[f"{metric}_n"] = sum(v is not None for v in values)  # a run may lack one (an older report)
         unique = len({r["seed"] for r in members}) == len(members)  # compare may be given one seed twice
         g[BY_SEED] = {r["seed"]: r["top1"] for r in members if r.get("top1") is not None} if unique else None
         out.append(g)
@@ -120,6 +122,17 @@ def add_gain(groups: list[dict], baseline_keys: list[str]) -> None:
 def _drop_private(groups: list[dict]) -> None:
     for g in groups:
         g.pop(BY_SEED, None)
+
+
+def cell(g: dict, metric: str, seeds: int) -> str:
+    """A group's mean ± std of ``metric``, with ``[n=k]`` when only k of the ``seeds`` runs give it."""
+    n = g.get(f"{metric}_n", g["n"])
+    return pct(g[f"{metric}_mean"], g[f"{metric}_std"]) + (f" [n={n}]" if 0 < n < seeds else "")
+
+
+def short_of_seeds(groups: list[dict], seeds: int) -> bool:
+    """Whether some group's metric is over fewer runs than the seeds (so the tables show ``[n=k]``)."""
+    return any(0 < g.get(f"{m}_n", g["n"]) < seeds for g in groups for m in METRICS)
 
 
 def pct(mean: float | None, std: float | None = None) -> str:
@@ -219,9 +232,7 @@ def table_markdown(table: dict, metric: str = "top1", gain: bool = True, heading
             if g is None:
                 out.append("–")
                 continue
-            text = pct(g[f"{metric}_mean"], g[f"{metric}_std"])
-            if g["n"] < table.get("seeds", 0):  # not every seed has finished: say over how many
-                text += f" [n={g['n']}]"
+            text = cell(g, metric, table.get("seeds", 0))  # not every seed finished: says over how many
             if gain and g.get("gain_over_ce") is not None:
                 ahead = g.get("seeds_ahead")
                 text += f" ({signed(g['gain_over_ce'])}" + (f", {ahead[0]}/{ahead[1]})" if ahead else ")")
@@ -242,8 +253,7 @@ def split_table_markdown(table: dict, metrics: list[tuple[str, str]]) -> str | N
     lines = ["| method | " + " | ".join(f"{setting} {label}" for _, setting, label, _ in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for name, cells in table["rows"]:
-        out = ["–" if cells[j] is None else pct(cells[j][f"{key}_mean"], cells[j][f"{key}_std"])
-               for j, _, _, key in columns]
+        out = ["–" if cells[j] is None else cell(cells[j], key, table.get("seeds", 0)) for j, _, _, key in columns]
         lines.append(f"| {name} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
@@ -316,9 +326,10 @@ def study_markdown(results: dict, spec) -> str:
     seeds = ", ".join(str(s) for s in spec.seeds)
     parts = [f"# Study{': ' + spec.name if spec.name else ''}", ""]
     parts += [line + "  " for line in recipe_lines(results, spec)]  # two spaces: a line break in Markdown
-    short = any(g["n"] < len(spec.seeds) for g in results["groups"])
+    short = short_of_seeds(results["groups"], len(spec.seeds))
     parts += ["", f"Clean-test top-1 (%), mean ± std over seeds {seeds} (sample std, n − 1)"
-              f"{'; [n=k]: over the k seeds finished' if short else ''}; – : no finished run.",
+              f"{'; [n=k]: over the k seeds whose runs finished (and report it)' if short else ''}; – : no "
+              "finished run.",
               ""]
     for table in pair_tables(results, spec):
         parts += [pair_markdown(table), ""]
