@@ -35,7 +35,7 @@ class Metrics(BaseModel):
 
 
 class Best(BaseModel):
-    epoch: int
+    epoch: int = Field(description="the epoch as history numbers it (warm-up epochs included, never picked)")
     top1: float
 
 
