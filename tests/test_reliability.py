@@ -94,6 +94,36 @@ def test_signal_at_the_end_of_an_epoch_and_twice(whole, tmp_path, monkeypatch, c
     _same_run(whole, out)
 
 
+def test_a_signal_before_the_first_resumed_step_keeps_the_interrupted_random_state(tmp_path, monkeypatch, capsys):
+    """Stopped at epoch 2, step 7; the resumed run is stopped again before it takes a step (a signal during the
+    load): the state saved again is the interrupted run's, so the run still ends as the uninterrupted one (with
+    mixup, whose draws come from the global random state)."""
+    from accelerate import Accelerator
+
+    run = [*RUN, "--mixup", "0.5"]
+    whole = tmp_path / "whole"
+    kdcli(*run, "--out", whole)
+    out = tmp_path / "run"
+    _signal_after(monkeypatch, 22 + 7)
+    with pytest.raises(SystemExit):
+        kdcli(*run, "--out", out)
+    monkeypatch.undo()
+    real = Accelerator.skip_first_batches
+
+    def skip(self, loader, num_batches=0):
+        os.kill(os.getpid(), signal.SIGTERM)  # pending when the first resumed batch arrives
+        return real(self, loader, num_batches)
+
+    monkeypatch.setattr(Accelerator, "skip_first_batches", skip)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        kdcli("train", "--resume", out)
+    assert exc.value.code == 143 and "at epoch 2, step 7" in capsys.readouterr().err
+    monkeypatch.undo()
+    kdcli("train", "--resume", out)
+    _same_run(whole, out)
+
+
 def test_resume_continues_the_folder_it_is_given_with_its_own_options(tmp_path, capsys):
     """A stopped run copied elsewhere continues in the copy (never in the folder it was started in); options
     beside --resume, or the other command, are refused rather than silently ignored."""
@@ -294,3 +324,55 @@ def test_first_signal_asks_to_stop_a_second_ctrl_c_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGTERM  # the first one decides the exit status
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+TWO_PROCESS_STOP = """
+import os, signal, sys
+from kdcli.engine import session
+from kdcli.cli import main
+
+steps = int(os.environ.get("KDCLI_TEST_STOP_AFTER", "0"))
+if steps:
+    real, count = session.Session.train_step, {"n": 0}
+
+    def step(self, images, labels, index=None):
+        terms = real(self, images, labels, index)
+        count["n"] += 1
+        if count["n"] == steps:
+            os.kill(os.getpid(), signal.SIGTERM)  # each process, at the same step, as a scheduler's signal
+        return terms
+
+    session.Session.train_step = step
+main(sys.argv[1:])
+"""
+
+
+def test_two_processes_stopped_mid_epoch_resume_to_the_same_epoch_loss(tmp_path):
+    """A two-process run stopped in the middle of epoch 1 and resumed: the epoch's loss is over every process's
+    examples once, as in the run that was not stopped (each process's part saved, not rank 0's for all)."""
+    script = tmp_path / "stop.py"
+    script.write_text(TWO_PROCESS_STOP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    port = 29700 + os.getpid() % 89
+
+    def launch(out: Path, stop_after: int, resume: bool = False) -> subprocess.CompletedProcess:
+        args = (["train", "--resume", str(out)] if resume else
+                ["train", "--model", "cifar_resnet8", "--dataset", "synthetic:8:4:256", "--epochs", "1",
+                 "--batch-size", "16", "--out", str(out)])
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port + stop_after + 3 * resume), str(script), *args]
+        return subprocess.run(cmd, env={**env, "KDCLI_TEST_STOP_AFTER": str(stop_after)}, capture_output=True,
+                              text=True, timeout=300)
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert launch(whole, 0).returncode == 0
+    stopped = launch(part, 3)  # 8 steps per process in the epoch
+    assert stopped.returncode != 0 and "stopped by SIGTERM" in stopped.stdout + stopped.stderr  # the launcher: 1
+    progress = json.loads((part / "resume" / "progress.json").read_text())
+    assert progress["partial"]["step"] == 3 and progress["partial"]["seen"] == 2 * 3 * 16  # both processes'
+    done = launch(part, 0, resume=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = (Report.model_validate_json((f / "report.json").read_text()) for f in (whole, part))
+    assert b.history[0].images == a.history[0].images == 256
+    assert b.history[0].terms == pytest.approx(a.history[0].terms, rel=1e-4)

@@ -116,9 +116,10 @@ def _sync(stop: StopOnSignal, accelerator, n: int) -> tuple[int, int]:
     return int(flags[0]), -int(flags[1])
 
 
-def epoch_means(accelerator, sums: dict[str, float], seen: int) -> tuple[dict[str, float], int]:
-    """(each loss term's mean over the epoch's examples on every process, those examples): one collective with
+def epoch_totals(accelerator, sums: dict, seen: int) -> tuple[dict[str, float], int]:
+    """(each loss term summed over the examples of every process, how many examples): one collective with
     several processes, which all run the same steps and so hold the same terms."""
+    sums = {k: float(v) for k, v in sums.items()}
     if accelerator.num_processes > 1:
         import torch.distributed as dist
 
@@ -126,7 +127,13 @@ def epoch_means(accelerator, sums: dict[str, float], seen: int) -> tuple[dict[st
         total = torch.tensor([float(seen), *(sums[k] for k in keys)], dtype=torch.float64, device=accelerator.device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         seen, sums = int(total[0].item()), dict(zip(keys, total[1:].tolist(), strict=True))
-    return ({k: float(v) / seen for k, v in sums.items()} if seen else {}), seen
+    return sums, seen
+
+
+def epoch_means(accelerator, sums: dict, seen: int) -> tuple[dict[str, float], int]:
+    """(each loss term's mean over the epoch's examples on every process, those examples)."""
+    sums, seen = epoch_totals(accelerator, sums, seen)
+    return ({k: v / seen for k, v in sums.items()} if seen else {}), seen
 
 
 def _union(before: dict | None, now: dict) -> dict:
@@ -184,9 +191,15 @@ def _epoch(sess: Session, epoch: int, pos: res.Position, started: float, progres
     skipped = SkipTracker("train", sess.data.num_train, cfg.max_bad_fraction)
     if partial is not None and partial.epoch == epoch:  # continue an epoch stopped part-way
         loader = accelerator.skip_first_batches(sess.train_loader, partial.step)
-        first_step, seen, before = partial.step, partial.seen, partial.train_seconds
-        sums = {k: torch.tensor(v, dtype=torch.float32, device=sess.device) for k, v in partial.sums.items()}
-        skipped.merge(partial.skipped)
+        first_step, before = partial.step, partial.train_seconds
+        # the totals of every process so far (saved so), held by the main process alone: the epoch's end adds
+        # every process's up once
+        main = accelerator.is_main_process
+        seen = partial.seen if main else 0
+        sums = {k: torch.tensor(v if main else 0.0, dtype=torch.float32, device=sess.device)
+                for k, v in partial.sums.items()}
+        if main:
+            skipped.merge(partial.skipped)
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
     if sess.cache is not None:  # a cached run trains epoch e on view e mod K: the images its logits are of
@@ -199,20 +212,23 @@ def _epoch(sess: Session, epoch: int, pos: res.Position, started: float, progres
         steps = None
     progress.start_epoch(epoch + 1, sess.total_epochs, steps, done=first_step)
     for step, batch in enumerate(loader, start=first_step):  # ``step`` steps done before this batch
+        if partial is not None and partial.rng is not None:
+            # the RNG state where the interrupted run stood before this step (set after the loader started,
+            # which draws a seed for its workers: the uninterrupted run did that at the epoch's start), and before
+            # a stop at this very step saves it again
+            res.set_rng_state(partial.rng)
+            partial = None
         n = batch["image"].shape[0]
         signum, smallest = _sync(stop, accelerator, n)
         if signum and step % accum == 0:  # the update before this batch was the last: save, then stop
             # (with --grad-accum a signal waits for the accumulation in progress to end in an update)
-            pos.partial = res.Partial(epoch=epoch, step=step, sums={k: float(v) for k, v in sums.items()},
-                                      seen=seen, train_seconds=before + time.time() - t0, skipped=skipped.report())
+            totals, total_seen = epoch_totals(accelerator, sums, seen)  # every process's, as the epoch's end
+            pos.partial = res.Partial(epoch=epoch, step=step, sums=totals, seen=total_seen,
+                                      train_seconds=before + time.time() - t0,
+                                      skipped=merged(accelerator, skipped).report())
             res.save(sess, out, pos, started)
             _check_stop(stop, sess, f"at epoch {epoch + 1}, step {step}")
         skipped.add(batch["skipped"], seen=n + len(batch["skipped"]))
-        if partial is not None and partial.rng is not None:
-            # the RNG state where the interrupted run stood before this step (set after the loader started,
-            # which draws a seed for its workers: the uninterrupted run did that at the epoch's start)
-            res.set_rng_state(partial.rng)
-            partial = None
         progress.step()
         if smallest == 0:  # every example of a batch was unreadable (on some process): no step
             continue

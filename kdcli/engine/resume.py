@@ -146,7 +146,9 @@ def load(sess: Session, out: Path) -> Position:
     progress = json.loads((d / PROGRESS_FILE).read_text())
     files = progress.get("files") or {"state": "state.safetensors", "optimizer": "optimizer.pt", "rng": []}
     ckpt.load_into(_state_module(sess), d / files["state"])
-    state = torch.load(d / files["optimizer"], map_location=sess.device, weights_only=True)
+    # a CPU process of several has device cpu:RANK, which torch.load cannot map to: plain "cpu" then
+    device = "cpu" if sess.device.type == "cpu" else sess.device
+    state = torch.load(d / files["optimizer"], map_location=device, weights_only=True)
     sess.optimizer.load_state_dict(state["optimizer"])
     partial = None
     if progress.get("partial"):
