@@ -102,7 +102,8 @@ CacheViews = Annotated[int, typer.Option(
     help="with random augmentation: K views per image, epoch e trains on view e mod K (teacher and student see the "
          "same image); without augmentation one view is exact", rich_help_panel=SPEED)]
 CacheTopk = Annotated[int | None, typer.Option(
-    help="store only the K largest logits and the log-sum-exp of the rest (many classes)", rich_help_panel=SPEED)]
+    help="store only the K largest logits and the log-sum-exp of the rest, spread evenly (many classes; an "
+         "approximation, exact in the top K at temperature 1)", rich_help_panel=SPEED)]
 CacheDtype = Annotated[str, typer.Option(help="float16 | float32 storage of the cached logits",
                                          rich_help_panel=SPEED)]
 Workers = Annotated[int | None, typer.Option(

@@ -19,6 +19,7 @@ from kdcli.engine import fill, loop
 from kdcli.engine.cache import TeacherCache
 from kdcli.engine.report import Report
 from kdcli.engine.session import Session
+from kdcli.errors import KdcliError
 from tests.test_cli import fails, kdcli
 
 DATA = "synthetic:16:4:96"  # 96 training rows: 6 full batches of 16, every row seen every epoch
@@ -163,6 +164,7 @@ def test_mismatches_and_methods_that_cannot_use_a_cache_are_refused(teachers, fi
         "noise": ([*same, "--noise", "symmetric:0.2"], "noise"),
         "augment": ([*same[:-6], "--augment", "none", "--teacher-cache", filled], "augment"),
         "views": ([*same[:-3], "3", "--teacher-cache", filled], "views"),
+        "column": ([*same, "--image-column", "image"], "image_column"),  # given: it names the images cached
     }
     for name, (args, differs) in cases.items():
         err = fails(capsys, "distill", *args, "--epochs", "1", "--out", tmp_path / name)
@@ -260,7 +262,32 @@ def test_top_k_storage_keeps_the_top_logits_and_the_rest_s_probability_mass(tmp_
             assert torch.allclose(q[top], p[top], atol=1e-5)
             assert math.isclose(float(q[rest].sum()), float(p[rest].sum()), abs_tol=1e-5)
             assert torch.allclose(q[rest], q[rest][0].expand(2))  # the rest share their mass equally
+            # an approximation beyond temperature 1 (README): after KD's T = 4 the rest carries more mass
+            assert float(torch.softmax(g / 4, 0)[rest].sum()) > float(torch.softmax(z / 4, 0)[rest].sum()) + 1e-5
         assert torch.equal(got[3], torch.zeros(1, 4))
+
+
+def test_a_manifest_written_by_another_process_meanwhile_is_checked_not_refused(tmp_path, monkeypatch):
+    """Two processes open a new cache folder at once: the second finds no manifest, then the first's in the
+    folder; it reads and checks it rather than calling the folder someone else's."""
+    from pathlib import Path
+
+    TeacherCache(tmp_path / "c", {"k": 1}, rows=3, teachers=1, classes=2, views=1)  # the first process
+    manifest = tmp_path / "c" / "manifest.json"
+    real, calls = Path.is_file, {"n": 0}
+
+    def is_file(self):
+        if self == manifest:
+            calls["n"] += 1
+            return calls["n"] > 1 and real(self)  # not there yet at the first look
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    TeacherCache(tmp_path / "c", {"k": 1}, rows=3, teachers=1, classes=2, views=1)
+    assert calls["n"] >= 2
+    with pytest.raises(KdcliError, match="another teacher"):  # and a different one is still refused
+        calls["n"] = 0
+        TeacherCache(tmp_path / "c", {"k": 2}, rows=3, teachers=1, classes=2, views=1)
 
 
 def test_two_runs_sharing_a_cache_merge_their_rows(tmp_path):

@@ -91,6 +91,8 @@ class TeacherCache:
                                  f"(differs in: {diff}); give another folder, or delete this one")
             return
         if self.root.exists() and any(not f.name.startswith(".") for f in self.root.iterdir()):
+            if path.is_file():  # another process (of this run, or a study's other student) wrote it meanwhile
+                return self._check_manifest()
             raise KdcliError(f"--teacher-cache {self.root} is a folder with other files and no {MANIFEST}; give an "
                              "empty or new folder")
         try:

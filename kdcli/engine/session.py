@@ -441,6 +441,8 @@ def open_cache(cfg: RunConfig, data: DataBundle, teacher_infos: list[models.Load
         "crop_pct": data.crop_pct, "seed": cfg.seed if augment != "none" else None,
         "precision": cfg.precision,  # a bf16 teacher's logits are not an fp32 one's
     }
+    if cfg.image_column:  # another column of the same rows holds other images (kept out otherwise: older caches)
+        key["image_column"] = cfg.image_column
     return TeacherCache(Path(cfg.teacher_cache), key, rows=len(labels), teachers=len(teacher_infos),
                         classes=data.num_classes, views=cache_views(cfg, data), dtype=cfg.cache_dtype,
                         topk=cfg.cache_topk)
