@@ -484,3 +484,31 @@ def test_trained_class_counts_are_by_true_class_under_noise_and_imbalance():
     expected = cor.target_counts(profile, cor.class_counts(clean_all[clean_all >= 0], 10))
     assert by_true_class == expected and max(expected) / min(expected) == pytest.approx(10, rel=0.15)
     assert train_class_counts(bundle.train_labels(), 10) == block["class_counts_after"] != expected  # noisy labels
+
+
+def test_content_fingerprint_survives_a_copy_and_sees_a_changed_label(parquet_folder, image_folder, tmp_path):
+    """The teacher cache's data key: the same after copying the files (new modification times, which give
+    datasets' own fingerprint new cache files), different when a label or a sampled image changes."""
+    import os
+    import shutil
+
+    for source in (parquet_folder, image_folder):
+        copy = tmp_path / source.name
+        shutil.copytree(source, copy)
+        for f in copy.rglob("*.*"):
+            os.utime(f, (1_000_000_000, 1_000_000_000))  # a copy made at another time
+        assert open_data(str(copy)).content_fingerprint() == open_data(str(source)).content_fingerprint()
+    before = open_data(str(parquet_folder)).content_fingerprint()
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    data = _labelled_dataset(30)
+    data.map(lambda e, i: {"label": (e["label"] + (i == 7)) % 3}, with_indices=True).to_parquet(
+        str(changed / "train-00000.parquet"))
+    shutil.copy(parquet_folder / "test-00000.parquet", changed)
+    assert open_data(str(changed)).content_fingerprint() != before
+    other = tmp_path / "other"
+    other.mkdir()
+    _labelled_dataset(30, size=11).to_parquet(str(other / "train-00000.parquet"))  # same labels, other images
+    shutil.copy(parquet_folder / "test-00000.parquet", other)
+    assert open_data(str(other)).content_fingerprint() != before
+    assert open_data("synthetic:8:4:64", streaming=True).content_fingerprint() is None

@@ -410,6 +410,26 @@ class DataBundle:
         full, used = self._label_rows(self._train, self._train_subset)
         return _by_row(len(full), used, full[used])
 
+    def content_fingerprint(self, samples: int = 64) -> str | None:
+        """A hash of what the training split holds that a copy keeps: its rows, every label and the stored image
+        of ``samples`` rows spread over it. (datasets' own ``_fingerprint`` follows its cache files, which a copied
+        or touched data file renames.) None when streaming. It reads labels and a few images, not every image:
+        a change to other images' pixels alone goes unseen."""
+        if self.streaming or self._train is None:
+            return None
+        import hashlib
+
+        split = self._train
+        h = hashlib.sha256(f"{len(split)}:{self.image_column}:{self.label_column}".encode())
+        h.update(np.ascontiguousarray(_label_array(split, self.label_column), dtype=np.int64).tobytes())
+        try:
+            stored = _undecoded(split, self.image_column)
+        except (TypeError, ValueError):  # not an image column datasets can hand over undecoded (arrays)
+            stored = split
+        for i in np.unique(np.linspace(0, len(split) - 1, num=min(samples, len(split))).astype(np.int64)):
+            h.update(_stored_bytes(stored[int(i)][self.image_column]))
+        return h.hexdigest()[:16]
+
     def _transform(self, train: bool) -> ImageTransform:
         return ImageTransform(self.in_chans, self.image_size, self.augment, train=train, seed=self.seed,
                               epoch=self._epoch, interpolation=self.interpolation, crop_pct=self.crop_pct)
@@ -925,6 +945,21 @@ def _stream_num_examples(stream, split: str) -> int | None:
     if splits and split in splits and splits[split].num_examples:
         return int(splits[split].num_examples)
     return None
+
+
+def _stored_bytes(value) -> bytes:
+    """The bytes an image is stored as: encoded bytes, else its file's, else its pixels (arrays, PIL images)."""
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return bytes(value["bytes"])
+        path = value.get("path")
+        try:
+            return Path(path).read_bytes() if path else b""
+        except OSError:
+            return str(path).encode()
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    return np.asarray(value).tobytes()
 
 
 def _label_array(split, label_col: str) -> np.ndarray:

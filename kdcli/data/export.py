@@ -75,7 +75,7 @@ def corrupt_dataset(spec: str, out: Path, *, noise: str | None, imbalance: str |
     manifest = {
         "kdcli_version": __version__, "source": {"dataset": spec, "train_split": bundle.train_split,
                                                  "eval_split": bundle.eval_split,
-                                                 "fingerprint": getattr(bundle._train, "_fingerprint", None)},
+                                                 "fingerprint": bundle.content_fingerprint()},
         "num_classes": bundle.num_classes, "class_names": bundle.class_names,
         "num_train": len(train), "num_eval": len(test), "corruption": block,
     }

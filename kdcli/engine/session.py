@@ -434,7 +434,7 @@ def open_cache(cfg: RunConfig, data: DataBundle, teacher_infos: list[models.Load
     key = {
         "teachers": shas, "teacher_input": [t.model.meta.input_size for t in teacher_infos],
         "dataset": cfg.dataset, "train_split": data.train_split,
-        "fingerprint": getattr(data._train, "_fingerprint", None),  # a datasets.Dataset's content hash
+        "fingerprint": data.content_fingerprint(),  # the same after a copy or on another machine
         "noise": cfg.noise, "imbalance": cfg.imbalance, "corruption_seed": cfg.corruption_seed,
         "class_order": cfg.class_order,
         "augment": augment, "image_size": data.image_size, "interpolation": data.interpolation,
