@@ -306,3 +306,21 @@ def test_two_runs_sharing_a_cache_merge_their_rows(tmp_path):
     assert not (tmp_path / "c" / "view-0.safetensors").exists()
     with pytest.raises(Exception, match="holds logits of another"):
         TeacherCache(tmp_path / "c", {"k": 2}, rows=8, teachers=2, classes=3, views=2)
+
+
+def test_resume_refuses_a_teacher_file_replaced_since_the_run_started(teachers, tmp_path, capsys):
+    """A run stopped after epoch 1 whose --teacher file is then overwritten: the resumed run would distill from
+    another teacher under the same name; one line, and the run is left as it was."""
+    import shutil
+
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copy(teachers[0], teacher)
+    run = ["distill", "--teacher", teacher, "--method", "kd", *BASE, "--epochs", "2", "--out", tmp_path / "r"]
+    kdcli(*run, "--stop-after-epoch", "1")
+    shutil.copy(teachers[1], teacher)
+    err = fails(capsys, "distill", "--resume", tmp_path / "r")
+    assert f"teacher {teacher} has changed since" in err and "--overwrite" in err
+    assert (tmp_path / "r" / "resume" / "progress.json").exists() and not (tmp_path / "r" / "report.json").exists()
+    shutil.copy(teachers[0], teacher)  # the file it started with: the run continues
+    kdcli("distill", "--resume", tmp_path / "r")
+    assert (tmp_path / "r" / "report.json").exists()

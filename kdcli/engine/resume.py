@@ -90,6 +90,25 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_SHAS: dict[tuple[str, int, int], str] = {}  # (path, mtime, size) → sha256: a teacher file hashed once per run
+
+
+def teacher_files(sess: Session) -> dict[str, str] | None:
+    """sha256 of each teacher's weights file, by path (None for an online method: its peer's weights are in the
+    resume state, not read again from the file)."""
+    if sess.online:
+        return None
+    out = {}
+    for t in sess.teacher_infos:
+        if t.path:
+            st = Path(t.path).stat()
+            key = (str(t.path), st.st_mtime_ns, st.st_size)
+            if key not in _SHAS:
+                _SHAS[key] = ckpt.sha256(Path(t.path))
+            out[str(t.path)] = _SHAS[key]
+    return out
+
+
 def _torch_save_atomic(obj, path: Path) -> None:
     tmp = ckpt.atomic_path(path)
     try:
@@ -127,7 +146,7 @@ def save(sess: Session, out: Path, pos: Position, started: float) -> None:
                     "history": [h.model_dump() for h in pos.history],
                     "best": pos.best.model_dump() if pos.best else None, "elapsed": time.time() - started,
                     "partial": pos.partial.to_json() if pos.partial else None, "skipped": pos.skipped,
-                    "files": files,
+                    "files": files, "teacher_files": teacher_files(sess),
                     "cache_counts": [sess.cache.hits, sess.cache.misses] if sess.cache is not None else None}
         path = d / PROGRESS_FILE
         ckpt.write_text_atomic(path, json.dumps(progress, indent=1))
@@ -144,6 +163,14 @@ def load(sess: Session, out: Path) -> Position:
     mid-epoch stop is returned in ``partial.rng``, to be set just before the next step."""
     d = out / RESUME_DIR
     progress = json.loads((d / PROGRESS_FILE).read_text())
+    before, now = progress.get("teacher_files"), teacher_files(sess)
+    if before and now is not None:
+        from kdcli.errors import KdcliError
+
+        changed = [p for p, sha in before.items() if now.get(p) not in (None, sha)]
+        if changed:
+            raise KdcliError(f"teacher {changed[0]} has changed since {out} started (its sha256 differs): resume "
+                             "with the file it started with, or start over with --overwrite")
     files = progress.get("files") or {"state": "state.safetensors", "optimizer": "optimizer.pt", "rng": []}
     ckpt.load_into(_state_module(sess), d / files["state"])
     # a CPU process of several has device cpu:RANK, which torch.load cannot map to: plain "cpu" then
