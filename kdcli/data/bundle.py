@@ -421,7 +421,7 @@ class DataBundle:
 
         split = self._train
         h = hashlib.sha256(f"{len(split)}:{self.image_column}:{self.label_column}".encode())
-        h.update(np.ascontiguousarray(_label_array(split, self.label_column), dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(self._label_rows(split, None)[0]).tobytes())
         try:
             stored = _undecoded(split, self.image_column)
         except (TypeError, ValueError):  # not an image column datasets can hand over undecoded (arrays)
