@@ -3,6 +3,7 @@ an epoch trains on, a cached run equals an uncached one, mismatches are refused,
 
 import hashlib
 import io
+import json
 import math
 import os
 import signal
@@ -283,8 +284,8 @@ def test_a_manifest_written_by_another_process_meanwhile_is_checked_not_refused(
         return real(self)
 
     monkeypatch.setattr(Path, "is_file", is_file)
-    TeacherCache(tmp_path / "c", {"k": 1}, rows=3, teachers=1, classes=2, views=1)
-    assert calls["n"] >= 2
+    second = TeacherCache(tmp_path / "c", {"k": 1}, rows=3, teachers=1, classes=2, views=1)
+    assert calls["n"] >= 2 and json.loads(manifest.read_text()) == second.describe()  # read, matched, kept
     with pytest.raises(KdcliError, match="another teacher"):  # and a different one is still refused
         calls["n"] = 0
         TeacherCache(tmp_path / "c", {"k": 2}, rows=3, teachers=1, classes=2, views=1)
