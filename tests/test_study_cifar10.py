@@ -313,6 +313,9 @@ def test_the_example_script_runs_both_presets_of_a_size(full, tmp_path):
     assert [c[c.index("--preset") + 1] for c in calls] == [f"cifar10-imbalance{size}", f"cifar10-noise{size}"]
     assert all(c[0] == "study" and c[c.index("--dataset") + 1] == "/data/c10" for c in calls)
     assert len({c[c.index("--out") + 1] for c in calls}) == 2  # one study folder each
+    assert {c[c.index("--jobs") + 1] for c in calls} == {"1" if full else "2"}  # one GPU: one run at a time
+    subprocess.run(["bash", str(script), "/data/c10", str(tmp_path / "out")], env={**env, "JOBS": "3"}, check=True)
+    assert (tmp_path / "calls").read_text().splitlines()[-1].split()[-1] == "3"  # JOBS given: used
     assert {c[c.index("--preset") + 1] for c in calls} <= set(study_spec.presets())
     no_data = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert no_data.returncode != 0 and "usage: bash examples/study_cifar10.sh DATA_DIR" in no_data.stderr
