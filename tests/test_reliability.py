@@ -143,6 +143,24 @@ def test_resume_continues_the_folder_it_is_given_with_its_own_options(tmp_path, 
     assert not (first / "report.json").exists() and (first / "resume").is_dir()  # the original is untouched
 
 
+def test_resume_with_another_number_of_processes_is_refused(tmp_path, capsys):
+    """A run resumed by another number of processes would train on another batch (per-process --batch-size)
+    with another number of updates per epoch: refused with one line, at an epoch boundary as mid-epoch."""
+    out = tmp_path / "run"
+    kdcli(*RUN[:-4], "--epochs", "2", "--batch-size", "256", "--out", out, "--stop-after-epoch", "1")
+    progress_file = out / "resume" / "progress.json"
+    progress = json.loads(progress_file.read_text())
+    assert progress["world_size"] == 1 and progress["partial"] is None  # stopped at the epoch's end
+    progress_file.write_text(json.dumps({**progress, "world_size": 2}))  # as a 2-process run would have saved
+    for how in (["train", "--resume", out], [*RUN[:-4], "--epochs", "2", "--batch-size", "256", "--out", out,
+                                             "--auto-resume"]):
+        err = fails(capsys, *how)
+        assert f"{out} was trained with 2 processes" in err and "(not 1)" in err and "--overwrite" in err
+    progress_file.write_text(json.dumps(progress))
+    kdcli("train", "--resume", out)  # the same number: it continues
+    assert Report.model_validate_json((out / "report.json").read_text()).history[-1].epoch == 2
+
+
 def test_sigterm_to_a_real_process(tmp_path):
     """A separate process, killed as a scheduler would (mid-run), exits 143 with one line; the same
     command line then finishes it."""

@@ -146,7 +146,7 @@ def save(sess: Session, out: Path, pos: Position, started: float) -> None:
                     "history": [h.model_dump() for h in pos.history],
                     "best": pos.best.model_dump() if pos.best else None, "elapsed": time.time() - started,
                     "partial": pos.partial.to_json() if pos.partial else None, "skipped": pos.skipped,
-                    "files": files, "teacher_files": teacher_files(sess),
+                    "files": files, "teacher_files": teacher_files(sess), "world_size": acc.num_processes,
                     "cache_counts": [sess.cache.hits, sess.cache.misses] if sess.cache is not None else None}
         path = d / PROGRESS_FILE
         ckpt.write_text_atomic(path, json.dumps(progress, indent=1))
@@ -171,6 +171,15 @@ def load(sess: Session, out: Path) -> Position:
         if changed:
             raise KdcliError(f"teacher {changed[0]} has changed since {out} started (its sha256 differs): resume "
                              "with the file it started with, or start over with --overwrite")
+    world, now_world = progress.get("world_size"), sess.accelerator.num_processes
+    if world is not None and world != now_world:
+        # another process count is another batch (--batch-size is per process) and updates per epoch: the lr and
+        # its schedule, and the report's effective batch, would no longer be the run's
+        from kdcli.errors import KdcliError
+
+        raise KdcliError(f"{out} was trained with {world} process{'es' if world > 1 else ''} "
+                         f"({world} × --batch-size {sess.cfg.batch_size} a step); resume it with the same number "
+                         f"(not {now_world}), or start over with --overwrite")
     files = progress.get("files") or {"state": "state.safetensors", "optimizer": "optimizer.pt", "rng": []}
     ckpt.load_into(_state_module(sess), d / files["state"])
     # a CPU process of several has device cpu:RANK, which torch.load cannot map to: plain "cpu" then
