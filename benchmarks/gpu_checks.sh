@@ -14,7 +14,8 @@
 #     the GPU is the cause (README, "GPU").
 #  3. benchmarks/speed_switches.py under bf16: plain, channels-last, compile, both.
 #  4. Every method of `kdcli methods` for two short epochs under bf16 and channels-last (a study on 1,024 images).
-# Set-up on a machine without kdcli's dependencies: see README, "GPU".
+# Needs kdcli and its dependencies importable by python3 (`pip install -e .` in the checkout); run it from the
+# checkout's root.
 set -u
 DATA=${1:?usage: gpu_checks.sh CIFAR10_DIR [OUT_DIR]}
 OUT=${2:-/tmp/kdcli-gpu-checks}
