@@ -7,16 +7,14 @@
 # Usage: bash examples/study_cifar10.sh DATA_DIR [OUT_DIR]
 #   CPU-sized by default (the -cpu presets: 5,000 training images, ResNet-14 -> ResNet-8, students 8 epochs,
 #   teachers 24; 1 h 39 min + about 7-9 h on 2 cores). FULL=1: the full presets (all 50,000, ResNet-56 -> ResNet-20, the
-#   field's 240-epoch recipe), for GPUs. JOBS runs at a time: 2 by default, 1 with FULL=1 (one GPU: README, GPU;
-#   with several GPUs, JOBS = their number gives each run its own). Interrupt at will: the same command
+#   field's 240-epoch recipe), for GPUs. JOBS=2 runs at a time by default. Interrupt at will: the same command
 #   skips finished runs and resumes the rest. The copies under examples/study_cifar10/ are from this script.
 set -euo pipefail
 DATA=${1:?usage: bash examples/study_cifar10.sh DATA_DIR [OUT_DIR]}
 OUT=${2:-runs/study_cifar10}
+JOBS=${JOBS:-2}
 SIZE=-cpu
-DEFAULT_JOBS=2
-if [ "${FULL:-0}" = 1 ]; then SIZE=; DEFAULT_JOBS=1; fi
-JOBS=${JOBS:-$DEFAULT_JOBS}
+if [ "${FULL:-0}" = 1 ]; then SIZE=; fi
 
 for study in imbalance noise; do
   kdcli study --preset "cifar10-$study$SIZE" --dataset "$DATA" --out "$OUT/$study$SIZE" --jobs "$JOBS"

@@ -145,7 +145,8 @@ def test_resume_continues_the_folder_it_is_given_with_its_own_options(tmp_path, 
 
 def test_resume_with_another_number_of_processes_is_refused(tmp_path, capsys):
     """A run resumed by another number of processes would train on another batch (per-process --batch-size)
-    with another number of updates per epoch: refused with one line, at an epoch boundary as mid-epoch."""
+    with another number of updates per epoch: refused with one line, here at an epoch boundary (mid-epoch the
+    saved RNG states, one per process, were already counted)."""
     out = tmp_path / "run"
     kdcli(*RUN[:-4], "--epochs", "2", "--batch-size", "256", "--out", out, "--stop-after-epoch", "1")
     progress_file = out / "resume" / "progress.json"

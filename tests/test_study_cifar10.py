@@ -304,7 +304,8 @@ def test_the_example_script_runs_both_presets_of_a_size(full, tmp_path):
     bin_.mkdir()
     (bin_ / "kdcli").write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path / "calls"}\n')
     (bin_ / "kdcli").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "FULL": "1" if full else "0"}
+    env = {k: v for k, v in os.environ.items() if k != "JOBS"}
+    env |= {"PATH": f"{bin_}:{os.environ['PATH']}", "FULL": "1" if full else "0"}
     script = Path(__file__).parents[1] / "examples" / "study_cifar10.sh"
     subprocess.run(["bash", str(script), "/data/c10", str(tmp_path / "out")], env=env, check=True,
                    capture_output=True)
@@ -313,9 +314,10 @@ def test_the_example_script_runs_both_presets_of_a_size(full, tmp_path):
     assert [c[c.index("--preset") + 1] for c in calls] == [f"cifar10-imbalance{size}", f"cifar10-noise{size}"]
     assert all(c[0] == "study" and c[c.index("--dataset") + 1] == "/data/c10" for c in calls)
     assert len({c[c.index("--out") + 1] for c in calls}) == 2  # one study folder each
-    assert {c[c.index("--jobs") + 1] for c in calls} == {"1" if full else "2"}  # one GPU: one run at a time
+    assert [c[c.index("--jobs") + 1] for c in calls] == ["2", "2"]  # the default
     subprocess.run(["bash", str(script), "/data/c10", str(tmp_path / "out")], env={**env, "JOBS": "3"}, check=True)
-    assert (tmp_path / "calls").read_text().splitlines()[-1].split()[-1] == "3"  # JOBS given: used
+    given = [c.split() for c in (tmp_path / "calls").read_text().splitlines()[len(calls):]]
+    assert [c[c.index("--jobs") + 1] for c in given] == ["3", "3"]  # JOBS given: used by both
     assert {c[c.index("--preset") + 1] for c in calls} <= set(study_spec.presets())
     no_data = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert no_data.returncode != 0 and "usage: bash examples/study_cifar10.sh DATA_DIR" in no_data.stderr

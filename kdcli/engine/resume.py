@@ -178,7 +178,7 @@ def load(sess: Session, out: Path) -> Position:
         from kdcli.errors import KdcliError
 
         raise KdcliError(f"{out} was trained with {world} process{'es' if world > 1 else ''} "
-                         f"({world} × --batch-size {sess.cfg.batch_size} a step); resume it with the same number "
+                         f"(a batch of {world} × --batch-size {sess.cfg.batch_size}); resume it with the same number "
                          f"(not {now_world}), or start over with --overwrite")
     files = progress.get("files") or {"state": "state.safetensors", "optimizer": "optimizer.pt", "rng": []}
     ckpt.load_into(_state_module(sess), d / files["state"])
