@@ -325,3 +325,17 @@ def test_resume_refuses_a_teacher_file_replaced_since_the_run_started(teachers, 
     shutil.copy(teachers[0], teacher)  # the file it started with: the run continues
     kdcli("distill", "--resume", tmp_path / "r")
     assert (tmp_path / "r" / "report.json").exists()
+
+
+def test_a_teacher_file_removed_during_the_run_does_not_stop_its_saves(tmp_path):
+    """The teacher is in memory once loaded: its file removed mid-run leaves nothing to hash, and the resume
+    state's save goes on (before, the stat's OSError was reported as a failed write of the run folder)."""
+    from types import SimpleNamespace
+
+    from kdcli.engine import resume
+
+    kept, gone = tmp_path / "kept.safetensors", tmp_path / "gone.safetensors"
+    kept.write_bytes(b"weights")
+    sess = SimpleNamespace(online=False, teacher_infos=[SimpleNamespace(path=str(kept)),
+                                                        SimpleNamespace(path=str(gone))])
+    assert resume.teacher_files(sess) == {str(kept): hashlib.sha256(b"weights").hexdigest()}

@@ -101,7 +101,10 @@ def teacher_files(sess: Session) -> dict[str, str] | None:
     out = {}
     for t in sess.teacher_infos:
         if t.path:
-            st = Path(t.path).stat()
+            try:
+                st = Path(t.path).stat()
+            except OSError:  # removed or moved since it was loaded: nothing to compare it with (not a write error)
+                continue
             key = (str(t.path), st.st_mtime_ns, st.st_size)
             if key not in _SHAS:
                 _SHAS[key] = ckpt.sha256(Path(t.path))
