@@ -364,3 +364,35 @@ def test_a_metric_some_reports_lack_says_over_how_many_seeds(tmp_path):
     assert "| kd | 40.00 [n=1] |" in md  # balanced top-1: the one report that has it
     assert "| kd | 50.00 [n=1] | 30.00 [n=1] |" in md  # many, medium
     assert "[n=k]: over the k seeds whose runs finished (and report it)" in md
+
+
+PUBLISHED = Path(__file__).parents[1] / "examples" / "study_cifar10" / "noise-cpu"
+
+
+@pytest.mark.skipif(not (PUBLISHED / "runs").is_dir(), reason="no published run reports")
+def test_the_published_noise_table_is_that_of_the_published_reports():
+    """examples/study_cifar10/noise-cpu/ ships the report of every run beside results.md: the final-epoch
+    table (mean ± sample std over seeds) recomputed from those reports, with nothing of kdcli's aggregation,
+    is the table results.md shows, and every cell of it has its three seeds."""
+    md = (PUBLISHED / "results.md").read_text()
+    lines = md[md.index("| method |"):].splitlines()
+    settings = [s.strip() for s in lines[0].strip("|").split("|")[1:]]
+    shown = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        label, *cells = [c.strip().replace("**", "") for c in line.strip("|").split("|")]
+        shown.update({(label, s): c.split(" (")[0] for s, c in zip(settings, cells, strict=True)})
+    top1: dict[tuple[str, str], dict[int, float]] = {}
+    for _, report in results.collect_reports([PUBLISHED / "runs"]):
+        cfg = report.config
+        label = (f"teacher ({report.student.name})" if report.student.name == "cifar_resnet14" else
+                 f"ce ({report.student.name})" if cfg["method"] == "ce" else cfg["method"])
+        seeds = top1.setdefault((label, cfg["noise"] or "clean"), {})
+        assert cfg["seed"] not in seeds, f"{label}, {cfg['noise']}: seed {cfg['seed']} twice"
+        seeds[cfg["seed"]] = 100 * report.metrics.final.top1
+    assert len(shown) == len(top1) >= 22 * len(settings)  # the teacher, CE and twenty methods, at least
+    for key, by_seed in top1.items():
+        values = list(by_seed.values())
+        assert sorted(by_seed) == [0, 1, 2], key
+        assert shown[key] == f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}", key
