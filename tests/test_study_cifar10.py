@@ -369,7 +369,6 @@ def test_a_metric_some_reports_lack_says_over_how_many_seeds(tmp_path):
 PUBLISHED = Path(__file__).parents[1] / "examples" / "study_cifar10" / "noise-cpu"
 
 
-@pytest.mark.skipif(not (PUBLISHED / "runs").is_dir(), reason="no published run reports")
 def test_the_published_noise_table_is_that_of_the_published_reports():
     """examples/study_cifar10/noise-cpu/ ships the report of every run beside results.md: the final-epoch
     table (mean ± sample std over seeds) recomputed from those reports, with nothing of kdcli's aggregation,
