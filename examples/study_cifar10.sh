@@ -6,7 +6,7 @@
 #
 # Usage: bash examples/study_cifar10.sh DATA_DIR [OUT_DIR]
 #   CPU-sized by default (the -cpu presets: 5,000 training images, ResNet-14 -> ResNet-8, students 8 epochs,
-#   teachers 24; 1 h 39 min + about 7-9 h on 2 cores). FULL=1: the full presets (all 50,000, ResNet-56 -> ResNet-20, the
+#   teachers 24; 1 h 39 min + about 6 h on 2 idle cores). FULL=1: the full presets (all 50,000, ResNet-56 -> ResNet-20, the
 #   field's 240-epoch recipe), for GPUs. JOBS=2 runs at a time by default. Interrupt at will: the same command
 #   skips finished runs and resumes the rest. The copies under examples/study_cifar10/ are from this script.
 set -euo pipefail
