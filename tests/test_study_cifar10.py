@@ -383,9 +383,9 @@ def test_the_published_noise_table_is_that_of_the_published_reports():
         label, *cells = [c.strip().replace("**", "") for c in line.strip("|").split("|")]
         shown.update({(label, s): c.split(" (")[0] for s, c in zip(settings, cells, strict=True)})
     top1: dict[tuple[str, str], dict[int, float]] = {}
-    for _, report in results.collect_reports([PUBLISHED / "runs"]):
+    for path, report in results.collect_reports([PUBLISHED / "runs"]):
         cfg = report.config
-        label = (f"teacher ({report.student.name})" if report.student.name == "cifar_resnet14" else
+        label = (f"teacher ({report.student.name})" if path.parent.name.startswith("teacher-") else
                  f"ce ({report.student.name})" if cfg["method"] == "ce" else cfg["method"])
         seeds = top1.setdefault((label, cfg["noise"] or "clean"), {})
         assert cfg["seed"] not in seeds, f"{label}, {cfg['noise']}: seed {cfg['seed']} twice"
