@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check kdcli tests examples benchmarks
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses=4
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kdcli tests examples benchmarks

@@ -93,7 +93,17 @@ Precision = Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (mixed precisio
                                         rich_help_panel=SPEED)]
 ChannelsLast = Annotated[bool, typer.Option(help="channels-last memory format for the models and their inputs",
                                             rich_help_panel=SPEED)]
-Compile = Annotated[bool, typer.Option(help="torch.compile the student and the teacher", rich_help_panel=SPEED)]
+Compile = Annotated[bool, typer.Option(
+    help="torch.compile the step's forward passes and loss terms as one graph (teacher, student, method)",
+    rich_help_panel=SPEED)]
+CompileMode = Annotated[str, typer.Option(
+    help="default | reduce-overhead (CUDA graphs: no launch overhead) | max-autotune (torch.compile's modes)",
+    rich_help_panel=SPEED)]
+DataPath = Annotated[str, typer.Option(
+    help="auto | resident | loader: resident decodes the training split once (cached under $KDCLI_CACHE_DIR, "
+         "default ~/.cache/kdcli), holds it on the device and augments batches there (recipes cifar, crop, none; "
+         "the same weights as the loader); auto uses it where it applies and fits a quarter of the device's memory",
+    rich_help_panel=SPEED)]
 TeacherCache = Annotated[str | None, typer.Option(
     help="store the teacher's logits per (training row, view) in this folder and reuse them: logit methods then "
          "skip the teacher's forward (filled on the first pass, or ahead by `kdcli cache-teacher`)",
@@ -247,6 +257,8 @@ def train(
     precision: Precision = default("precision"),
     channels_last: ChannelsLast = default("channels_last"),
     compile: Compile = default("compile"),
+    compile_mode: CompileMode = default("compile_mode"),
+    data_path: DataPath = default("data_path"),
     workers: Workers = None,
     out: Out = None,
     config: Config = None,
@@ -342,6 +354,8 @@ def distill(
     precision: Precision = default("precision"),
     channels_last: ChannelsLast = default("channels_last"),
     compile: Compile = default("compile"),
+    compile_mode: CompileMode = default("compile_mode"),
+    data_path: DataPath = default("data_path"),
     teacher_cache: TeacherCache = None,
     cache_views: CacheViews = default("cache_views"),
     cache_topk: CacheTopk = None,
@@ -561,7 +575,9 @@ def study(
     dataset: Annotated[list[str] | None, typer.Option(
         help="the spec's dataset(s) replaced by this (repeatable): your copy of the data, e.g. CIFAR-10 in the hub "
              "layout for the cifar10 presets")] = None,
-    jobs: Annotated[int, typer.Option(help="runs at a time, each in its own process")] = 1,
+    jobs: Annotated[int | None, typer.Option(
+        help="runs at a time, each in its own process with its share of the CPU cores \\[default: one per visible "
+             "GPU, else 1]")] = None,
     print_commands: Annotated[bool, typer.Option(
         help="print one `kdcli …` line per run that can start now (for any scheduler), and run nothing")] = False,
 ) -> None:
@@ -575,7 +591,7 @@ def study(
 
     if out is None:
         raise KdcliError("missing option --out DIR (the study folder)")
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise KdcliError(f"invalid --jobs {jobs}: must be at least 1")
     if out.exists() and not out.is_dir():
         raise KdcliError(f"--out {out} exists and is not a folder")
@@ -592,6 +608,12 @@ def study(
         return
     source = f"spec{spec.suffix.lower() if spec is not None and spec.suffix.lower() == '.toml' else '.yaml'}"
     from kdcli.engine.signals import Interrupted
+
+    gpus = execute.visible_gpus()
+    jobs = jobs if jobs is not None else execute.default_jobs(gpus)
+    warning = execute.sharing_warning(jobs, gpus)
+    if warning:
+        err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
 
     try:
         res, summary = execute.run_study(parsed, runs, out, jobs=jobs, console=console, source=(source, text))

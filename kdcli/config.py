@@ -65,6 +65,9 @@ class RunConfig(BaseModel):
     shuffle_buffer: int = Field(10_000, gt=0)
     augment: Literal["auto", "cifar", "imagenet", "randaugment", "none", "crop-flip", "crop"] = "auto"
     workers: int | None = Field(None, ge=0)
+    # resident: the training split decoded once, held on the device, augmented there; loader: per-example
+    # decoding and transforms in DataLoader workers; auto: resident where it applies and fits
+    data_path: Literal["auto", "resident", "loader"] = "auto"
     max_bad_fraction: float = Field(0.01, ge=0, le=1)  # unreadable examples skipped; more of a split: an error
     # optimisation: by default plain momentum SGD with weight decay on every parameter and a per-epoch cosine, the
     # field's CIFAR recipe (RepDistiller, Tian et al. 2020); timm's optimizers and schedulers otherwise
@@ -98,7 +101,8 @@ class RunConfig(BaseModel):
     cache_dtype: Literal["float16", "float32"] = "float16"
     # speed
     channels_last: bool = False
-    compile: bool = False  # torch.compile the student and the teacher
+    compile: bool = False  # torch.compile the step's forward passes and loss terms (Session.loss_terms) whole
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
     # output
     out: str
 

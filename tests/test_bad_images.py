@@ -411,8 +411,8 @@ def test_mid_epoch_resume_is_exact_with_workers_and_random_augmentation(bad_fold
     _cli(*args, "--out", tmp_path / "whole")
     real, count = session.Session.train_step, {"n": 0}
 
-    def step(self, images, labels, index=None):
-        terms = real(self, images, labels, index)
+    def step(self, images, labels, index=None, **kw):
+        terms = real(self, images, labels, index, **kw)
         count["n"] += 1
         if count["n"] == 7:  # epoch 2, step 2 (5 steps an epoch)
             os.kill(os.getpid(), signal.SIGTERM)

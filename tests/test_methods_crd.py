@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from kdcli import methods
+from kdcli.engine.syncs import SyncCounter
 from kdcli.errors import KdcliError
 from kdcli.methods import Outputs, Shapes, contrastive
 from kdcli.methods.contrastive import nce_loss
@@ -177,6 +178,7 @@ def test_crd_is_symmetric_in_student_and_teacher():
 def test_gradients_are_those_of_the_memory_before_its_update(scoring):
     """The scores' backward pass runs after the memory moved; its gradients are those of the memory as it was
     (checked against a plain autograd computation on a copy), the teacher's features get none."""
+    torch.manual_seed(0)  # the embeddings' initial weights: the same whatever ran before
     m = _crd(negatives=6, T=0.1)
     m_s, m_t = _unit_rows(12, DIM, 11), _unit_rows(12, DIM, 12)
     m.memory_s.copy_(m_s)
@@ -203,7 +205,7 @@ def test_gradients_are_those_of_the_memory_before_its_update(scoring):
                         + torch.log(mm / (p[:, 1:] + mm + 1e-7)).sum()) / 3)
     (0.8 * sum(losses)).backward()
     for k, v in m.named_parameters():
-        assert torch.allclose(v.grad, ref[k].grad, rtol=1e-5, atol=1e-6), k
+        assert torch.allclose(v.grad, ref[k].grad, rtol=1e-4, atol=1e-5), k  # float32 sums in another order
 
 
 # -- the memory ---------------------------------------------------------------------------------------
@@ -317,6 +319,33 @@ def test_memory_and_z_are_persistent_state():
     b.load_state_dict(state)
     assert torch.equal(b.memory_s, a.memory_s) and torch.equal(b.memory_t, a.memory_t) and torch.equal(b.z, a.z)
 
+
+
+@pytest.mark.parametrize("k,scoring,sizes", [
+    (50, "dense", None),  # 540 other-class rows > 4K: distinct draws with their one check
+    (200, "gathered", None),  # 540 ≤ 4K: distinct by keys, no check
+    (1000, "dense", None),  # more than the 540: with replacement
+    (500, "gathered", [150] + [50] * 9),  # class 0 has 450 others (with replacement), the rest 550 (distinct)
+    (120, "dense", [150] + [50] * 9),  # 450 others ≤ 4K (keys), 550 > 4K (draws): both in a batch
+])
+def test_crd_step_makes_at_most_one_host_wait(k, scoring, sizes, monkeypatch):
+    """A steady step (forward and backward) reads the device at most once: the sampler's classes, Z and the
+    batch's first occurrences are known without it, on 600 rows of 10 classes."""
+    monkeypatch.setattr(contrastive, "_dense", lambda memory, idx: scoring == "dense")
+    labels = torch.arange(600) % 10 if sizes is None else torch.repeat_interleave(torch.arange(10), torch.tensor(sizes))
+    m = methods.build("crd", {"dim": "8", "negatives": str(k)}, Shapes(10, pooled=DS), Shapes(10, pooled=DT))
+    m.attach_data(labels)
+    g = torch.Generator().manual_seed(k)
+    for _ in range(3):  # two to warm up (Z is set in the first), the third counted
+        index = torch.randperm(600, generator=g)[:16]
+        fs = torch.randn(16, DS, generator=g, requires_grad=True)
+        logits = torch.randn(16, 10, generator=g)
+        s, t = Outputs(logits=logits, pooled=fs), Outputs(logits=logits, pooled=torch.randn(16, DT, generator=g))
+        with SyncCounter() as c:
+            terms = m(s, t, labels[index], index=index)
+            (terms["ce"] + terms["crd"]).backward()
+        assert torch.isfinite(terms["crd"]) and fs.grad is not None
+    assert c.total <= 1, dict(c.counts)
 
 # -- end to end ----------------------------------------------------------------------------------------
 

@@ -57,8 +57,8 @@ def test_a_signal_mid_epoch_waits_for_the_accumulated_update_and_resumes_exactly
     batches = len(loop.build(_cfg(tmp_path / "probe", **MODERN)).train_loader)
     real, count = session.Session.train_step, {"n": 0}
 
-    def step(self, images, labels, index=None):
-        terms = real(self, images, labels, index)
+    def step(self, images, labels, index=None, **kw):
+        terms = real(self, images, labels, index, **kw)
         count["n"] += 1
         if count["n"] == batches + 1:  # epoch 2, after its first batch: half an accumulated update
             os.kill(os.getpid(), signal.SIGTERM)

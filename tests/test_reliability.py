@@ -43,8 +43,8 @@ def _signal_after(monkeypatch, steps: int, signum: int = signal.SIGTERM) -> None
     real = session.Session.train_step
     count = {"n": 0}
 
-    def step(self, images, labels, index=None):
-        terms = real(self, images, labels, index)
+    def step(self, images, labels, index=None, **kw):
+        terms = real(self, images, labels, index, **kw)
         count["n"] += 1
         if count["n"] == steps:
             os.kill(os.getpid(), signum)
@@ -354,8 +354,8 @@ steps = int(os.environ.get("KDCLI_TEST_STOP_AFTER", "0"))
 if steps:
     real, count = session.Session.train_step, {"n": 0}
 
-    def step(self, images, labels, index=None):
-        terms = real(self, images, labels, index)
+    def step(self, images, labels, index=None, **kw):
+        terms = real(self, images, labels, index, **kw)
         count["n"] += 1
         if count["n"] == steps:
             os.kill(os.getpid(), signal.SIGTERM)  # each process, at the same step, as a scheduler's signal

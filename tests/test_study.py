@@ -526,6 +526,15 @@ def test_workers_share_the_cores_and_spread_over_gpus():
     assert [worker_setup(i, 4, 16, ["2", "5"])[1] for i in range(4)] == ["2", "5", "2", "5"]
 
 
+def test_one_run_per_gpu_by_default_each_on_its_own_cores():
+    from kdcli.study.execute import default_jobs, sharing_warning, worker_cores
+    assert default_jobs([]) == 1 and default_jobs(["0"]) == 1 and default_jobs(["0", "3"]) == 2
+    assert sharing_warning(1, ["0"]) is None and sharing_warning(2, ["0", "1"]) is None
+    assert "up to 3 runs on each of 1 GPU" in sharing_warning(3, ["0"])
+    assert [worker_cores(i, 2, [0, 1, 2, 3, 4]) for i in range(2)] == [[0, 1], [2, 3]]
+    assert worker_cores(1, 4, [0, 1]) == [0, 1]  # fewer cores than runs: all of them
+
+
 @pytest.mark.parametrize("stop, code", [(KeyboardInterrupt(), 130), (loop.Interrupted(15, "stopped by SIGTERM"), 143)])
 def test_ctrl_c_leaves_a_study_that_the_same_command_finishes(tmp_path, monkeypatch, capsys, stop, code):
     """Ctrl-C, or a preempted run (SIGTERM: the run saved its state and stopped), stops the study with one

@@ -103,9 +103,9 @@ def test_a_cached_epoch_trains_on_the_images_the_cache_was_filled_with(teachers,
     trained = []  # per step: (view, rows, the student's input)
     step = Session.train_step
 
-    def recording_step(self, images, labels, index=None):
+    def recording_step(self, images, labels, index=None, **kw):
         trained.append((self.cache_view, index.tolist(), images.detach().cpu().clone()))
-        return step(self, images, labels, index)
+        return step(self, images, labels, index, **kw)
 
     monkeypatch.setattr(Session, "train_step", recording_step)
     report = loop.run(cfg)

@@ -514,8 +514,14 @@ class DataBundle:
         self._epoch = int(epoch)
         for stream in self._iterables:
             stream.set_epoch(epoch)
-        for holder in (*self._train_sets, *self._stream_fns):
+        for holder in self._train_sets:
+            holder.set_epoch(epoch)
+        for holder in self._stream_fns:
             holder.transform.set_epoch(epoch)
+
+    def follow_epoch(self, dataset) -> None:
+        """Have :meth:`set_epoch` reach ``dataset`` too (a view of the training split made elsewhere)."""
+        self._train_sets.append(dataset)
 
     def eval_dataset(self) -> ImageClassificationDataset:
         """The evaluation split: map-style, known length, no augmentation (see :meth:`set_input`); unreadable

@@ -58,6 +58,7 @@ class TeacherCache:
         self.hits = self.misses = 0
         self._views: dict[int, dict[str, torch.Tensor]] = {}
         self._dirty: set[int] = set()
+        self._held: tuple[tuple[int, str], torch.Tensor] | None = None  # a complete view's logits on the device
         self._check_manifest()
 
     # -------------------------------------------------------------------------------------------- identity
@@ -148,6 +149,23 @@ class TeacherCache:
         logits.scatter_(2, where, values)
         logits[~known] = 0.0  # as documented (an unfilled row's zeros would otherwise read as uniform logits)
         return logits, known
+
+    def held(self, view: int, device: torch.device, budget: int) -> torch.Tensor | None:
+        """``view``'s logits (rows, teachers, classes) on ``device`` once every row of it is stored whole (not
+        top-k) and they fit ``budget`` bytes: a lookup is then one gather there, with no copy from the host."""
+        key = (view, str(device))
+        if self._held is not None and self._held[0] == key:
+            return self._held[1]
+        if self.topk is not None:
+            return None
+        data = self._load(view)
+        if data["logits"].numel() * data["logits"].element_size() > budget or not bool(data["filled"].all()):
+            return None
+        self._held = (key, data["logits"].to(device))
+        return self._held[1]
+
+    def count_hits(self, n: int) -> None:
+        self.hits += int(n)
 
     def store(self, index: torch.Tensor, view: int, logits: torch.Tensor) -> None:
         """Remember the teacher's ``logits`` (B, teachers, classes) of these rows in ``view``."""

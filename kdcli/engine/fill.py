@@ -58,7 +58,7 @@ def fill_cache(cfg: RunConfig, jobs: int | None = None, console: Console | None 
     (default: kdcli's). A rich progress bar per view is shown when ``console`` is a terminal."""
     started = time.time()
     with StopOnSignal() as stop, tempfile.TemporaryDirectory(prefix="kdcli-cache-teacher-") as tmp:
-        sess = build(cfg.model_copy(update={"out": tmp, "workers": jobs}))
+        sess = build(cfg.model_copy(update={"out": tmp, "workers": jobs, "data_path": "loader"}))
         if console is not None:
             for warning in sess.warnings:
                 console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -222,6 +222,7 @@ def _epoch(sess: Session, epoch: int, pos: res.Position, started: float, progres
         signum, smallest = _sync(stop, accelerator, n)
         if signum and step % accum == 0:  # the update before this batch was the last: save, then stop
             # (with --grad-accum a signal waits for the accumulation in progress to end in an update)
+            _check_finite(sess, epoch, out)  # a diverged state is never saved
             totals, total_seen = epoch_totals(accelerator, sums, seen)  # every process's, as the epoch's end
             pos.partial = res.Partial(epoch=epoch, step=step, sums=totals, seen=total_seen,
                                       train_seconds=before + time.time() - t0,
@@ -232,18 +233,20 @@ def _epoch(sess: Session, epoch: int, pos: res.Position, started: float, progres
         progress.step()
         if smallest == 0:  # every example of a batch was unreadable (on some process): no step
             continue
-        images, labels = batch["image"].to(sess.device), batch["label"].to(sess.device)
+        # non-blocking: from pinned memory the copies overlap the step before (no-ops where the data is resident)
+        images = batch["image"].to(sess.device, non_blocking=True)
+        labels = batch["label"].to(sess.device, non_blocking=True)
+        index = batch["index"]
+        host_index = torch.from_numpy(batch["rows"]) if "rows" in batch else (index if not index.is_cuda else None)
         if per_update and step % accum == 0:
             recipe.set_lr(cfg, sess.scheduler, sess.optimizer, main_epoch, step // accum, sess.updates_per_epoch)
-        try:
-            terms = sess.train_step(images, labels, batch["index"].to(sess.device))
-        except TrainingDiverged as e:
-            last = f"epoch {epoch}" if epoch else "none: it diverged in the first epoch"
-            raise TrainingDiverged(f"{e} at epoch {epoch + 1}, step {step + 1}; last good state: {last} "
-                                   f"(in {out / RESUME_DIR}); try a lower --lr") from None
+        with _diverged(epoch, out):
+            terms = sess.train_step(images, labels, index.to(sess.device, non_blocking=True),
+                                    step=f"epoch {epoch + 1}, step {step + 1}", host_index=host_index)
         seen += n
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v * n
+    _check_finite(sess, epoch, out)
     skipped = merged(accelerator, skipped)
     skipped.check()
     train_seconds = before + time.time() - t0
@@ -274,6 +277,21 @@ def _epoch(sess: Session, epoch: int, pos: res.Position, started: float, progres
     if epoch + 1 < sess.total_epochs:
         _check_stop(stop, sess, f"after epoch {epoch + 1}")
     return metrics
+
+
+@contextmanager
+def _diverged(epoch: int, out: Path):
+    """A TrainingDiverged raised inside, completed with where the last good state is and what to try."""
+    try:
+        yield
+    except TrainingDiverged as e:
+        last = f"epoch {epoch}" if epoch else "none: it diverged in the first epoch"
+        raise TrainingDiverged(f"{e}; last good state: {last} (in {out / RESUME_DIR}); try a lower --lr") from None
+
+
+def _check_finite(sess: Session, epoch: int, out: Path) -> None:
+    with _diverged(epoch, out):
+        sess.check_finite()
 
 
 @torch.no_grad()
@@ -377,7 +395,7 @@ def _report(sess: Session, out: Path, metrics: rep.Metrics, best: rep.Best | Non
         command=cfg.command, created=rep.now(), config=cfg.model_dump(),
         environment=rep.environment(str(sess.device), sess.accelerator.num_processes, cfg.precision),
         data=data_info(sess.data, sess.corruption, {**(skipped or {}), "eval": sess.eval_skipped}).model_copy(
-            update={"train_class_counts": counts}),
+            update={"train_class_counts": counts, "data_path": sess.data_path}),
         teacher=model_info(sess.teacher_info) if sess.teacher_info else None,
         teachers=[model_info(t) for t in sess.teacher_infos] or None,
         student=rep.ModelInfo(**{**model_info(sess.student_info).model_dump(), "source": sess.student_info.source,

@@ -94,6 +94,8 @@ class DataInfo(BaseModel):
     in_chans: int
     streaming: bool
     augment: str | None = Field(None, description="the training augmentation recipe, as resolved")
+    data_path: str | None = Field(None, description="how training batches were made: resident (decoded once, held "
+                                                    "and augmented on the device) or loader (per example)")
     interpolation: str | None = Field(None, description="resize interpolation of the student's input")
     crop_pct: float | None = Field(None, description="evaluation: resize to image_size / crop_pct, centre crop")
     corruption: dict[str, Any] | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -23,11 +24,18 @@ from kdcli.engine import recipe
 from kdcli.engine import report as rep
 from kdcli.engine.metrics import Evaluator
 from kdcli.engine.signals import ignore_in_worker
+from kdcli.engine.syncs import on_host
 from kdcli.errors import KdcliError
 
 
 class TrainingDiverged(KdcliError):
     """A loss term became NaN or infinite."""
+
+
+# Steps between two reads of the loss terms' finiteness: the device keeps a record of every step's terms and the
+# host reads it this often (and at an epoch's end, and before a resume state is saved), so a steady-state step
+# never waits for the device. A diverged run goes on for at most this many steps before it stops.
+FINITE_EVERY = 50
 
 
 def data_facts(data: DataBundle) -> models.DataFacts:
@@ -57,12 +65,13 @@ def default_workers(data: DataBundle) -> int:
 def make_loader(data: DataBundle, dataset, batch_size: int, workers: int, **kwargs) -> DataLoader:
     """A DataLoader over one of ``data``'s datasets: unreadable examples are dropped from the batches and
     named in ``batch["skipped"]``; its workers leave signals to the main process."""
+    kwargs.setdefault("collate_fn", data.collate)
     # pinned host memory lets batches reach a CUDA device asynchronously. Persistent workers are not used: they
     # would save ~0.1 s an epoch (measured, README Speed), but a loader that keeps its workers draws their base
     # seed from the global RNG only once, so a run resumed at an epoch's start would draw differently from the
     # uninterrupted one (exact resume); augmentation would be unaffected (its epoch is in shared memory)
     kwargs.setdefault("pin_memory", torch.cuda.is_available())
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=data.collate,
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                       worker_init_fn=ignore_in_worker if workers else None, **kwargs)
 
 
@@ -81,7 +90,8 @@ def make_accelerator(precision: str, seed: int, find_unused_parameters: bool = F
         return Accelerator(mixed_precision=mixed, cpu=_no_accelerator(), gradient_accumulation_steps=grad_accum,
                            kwargs_handlers=[DistributedDataParallelKwargs(
                                find_unused_parameters=find_unused_parameters)],
-                           dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
+                           dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed,
+                                                                     non_blocking=True))
     except ValueError as e:
         raise KdcliError(f"--precision {precision} is not available here: {str(e).splitlines()[0]}") from None
 
@@ -113,10 +123,15 @@ class Session:
     scheduler: object = None  # timm's scheduler of the main epochs (recipe.make_scheduler)
     updates_per_epoch: int = 1  # optimizer updates in one epoch (batches / --grad-accum, rounded up)
     mixer: recipe.Mixer | None = None  # soft targets: mixup, cutmix, label smoothing
-    ema: object = None  # timm.utils.ModelEmaV3 of the student, when --ema
+    ema: object = None  # engine.ema.ModelEma of the student, when --ema
     trained: list = field(default_factory=list)  # the modules the optimizer trains (prepared)
     cache: object = None  # engine.cache.TeacherCache, when --teacher-cache
     cache_view: int = 0  # the view of the epoch in progress
+    # one process, no accumulation, no fp16 loss scaling: the step calls the optimizer itself, without
+    # accelerate's wrappers (they cost more than a small step: is_lomo_available, inspect.signature per call)
+    plain: bool = False
+    data_path: str = "loader"  # the training data's path: resident (decoded once, on the device) or loader
+    pending: list = field(default_factory=list)  # (step label, term names, stacked term values) not checked yet
 
     @property
     def device(self) -> torch.device:
@@ -132,62 +147,115 @@ class Session:
     def total_epochs(self) -> int:
         return self.warmup_epochs + self.cfg.epochs
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor,
-                   index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """One batch (``index``: the examples' original row indices): forward, loss, backward and, every
-        ``--grad-accum`` batches, the optimizer update (clipped, then the EMA follows). Returns the detached
-        loss terms."""
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None,
+                   step: object = None, host_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One batch (``index``: the examples' original row indices, on the device; ``host_index`` the same on
+        the host, where the teacher cache looks rows up): forward, loss, backward and, every ``--grad-accum``
+        batches, the optimizer update (clipped, then the EMA follows). Returns the detached loss terms.
+
+        The terms' finiteness is read on the host every :data:`FINITE_EVERY` steps (:meth:`check_finite`):
+        a non-finite term raises :class:`TrainingDiverged` naming it and the ``step`` label it was first seen at.
+        """
         acc = self.accelerator
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.mixer is not None:  # mixed before the teacher's forward: both see the same images
             images, labels = self.mixer(images, labels)
-        with acc.accumulate(*self.trained), acc.autocast():
-            t = None
-            if self.online:
-                t = self.teacher(images, self.needs)  # a peer: it learns from its own terms
-            elif self.cache is not None:
-                t = self.cached_teacher(images, index)
-            elif self.teacher is not None and self.uses_teacher:
-                # teacher first: its activations are freed before the student's graph is built
-                with torch.inference_mode():
-                    t = self.teacher(images, self.needs)
-                t = t.map(torch.Tensor.clone)  # inference tensors cannot take part in autograd
-            s = self.student(images, self.needs)
-            terms = self.method(s, t, labels, images=images, index=index)  # warm-up or main terms: see use_warmup
-            loss = sum(terms.values())
-            if acc.num_processes > 1:
-                # DDP expects every output of a wrapped model to reach the loss; a stage that uses only some
-                # (a hint warm-up reads one feature map) would otherwise leave its reduction unfinished
-                outs = s.tensors() + (t.tensors() if self.online else [])
-                loss = loss + 0.0 * sum(o.float().sum() for o in outs)
-            if not torch.isfinite(loss):
-                bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "loss")
-                raise TrainingDiverged(f"loss term {bad!r} became {float(terms.get(bad, loss).detach())}")
-            acc.backward(loss)  # divided by --grad-accum
-            if acc.sync_gradients:
+        accumulate = nullcontext() if self.plain else acc.accumulate(*self.trained)
+        autocast = nullcontext() if self.cfg.precision == "fp32" else acc.autocast()
+        if self.cfg.compile and self.cfg.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs have been read
+        with accumulate, autocast:
+            if self.cache is not None:  # host bookkeeping, then the compilable part
+                t = self.cached_teacher(images, index if host_index is None else host_index, index)
+                terms, loss = self.loss_terms(images, labels, index, t)
+            else:
+                terms, loss = self.loss_terms(images, labels, index)
+            self.pending.append((step, tuple(terms), torch.stack([v.detach().float() for v in terms.values()])))
+            if len(self.pending) >= FINITE_EVERY:
+                self.check_finite()
+            if self.plain:
+                loss.backward()
+            else:
+                acc.backward(loss)  # divided by --grad-accum
+            if self.plain or acc.sync_gradients:
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                optimizer = self.optimizer.optimizer if self.plain else self.optimizer
                 if self.cfg.clip_grad:
-                    acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                        self.cfg.clip_grad)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                    if self.plain:
+                        torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
+                    else:
+                        acc.clip_grad_norm_(params, self.cfg.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
                     self.ema.update(self.unwrapped_student())
         return {k: v.detach() for k, v in terms.items()}
 
-    def cached_teacher(self, images: torch.Tensor, index: torch.Tensor) -> methods.Outputs:
-        """The teacher's outputs from the cache: rows not stored yet in this epoch's view are computed (the
-        teacher's forward on those images only) and stored."""
-        logits, known = self.cache.lookup(index, self.cache_view)
-        if not bool(known.all()):
-            missing = (~known).nonzero().flatten()
-            with torch.inference_mode():
-                out = self.teacher(images[missing.to(images.device)], frozenset({"logits"}))
-            rows = index.detach().cpu()[missing]
-            self.cache.store(rows, self.cache_view, torch.stack(out.members or [out.logits], dim=1))
-            # read back as stored (float16, top-k), so the first epoch trains on what later ones will
-            logits[missing] = self.cache.lookup(rows, self.cache_view, count=False)[0]
-        logits = logits.to(self.device)
+    def loss_terms(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None,
+                   t: methods.Outputs | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The forward passes and the method's terms of one batch, and their sum: the part of a step that
+        ``torch.compile`` traces whole (no host value is read, no shape depends on the data). ``t``: the
+        teacher's outputs when they come from elsewhere (the teacher cache)."""
+        if t is None and self.online:
+            t = self.teacher(images, self.needs)  # a peer: it learns from its own terms
+        elif t is None and self.teacher is not None and self.uses_teacher:
+            # teacher first: its activations are freed before the student's graph is built
+            with torch.no_grad():
+                t = self.teacher(images, self.needs)
+        s = self.student(images, self.needs)
+        terms = self.method(s, t, labels, images=images, index=index)  # warm-up or main terms: see use_warmup
+        loss = sum(terms.values())
+        if self.accelerator.num_processes > 1:
+            # DDP expects every output of a wrapped model to reach the loss; a stage that uses only some
+            # (a hint warm-up reads one feature map) would otherwise leave its reduction unfinished
+            outs = s.tensors() + (t.tensors() if self.online else [])
+            loss = loss + 0.0 * sum(o.float().sum() for o in outs)
+        return terms, loss
+
+    def check_finite(self) -> None:
+        """Read the loss terms of the steps since the last check (one host wait): a NaN or infinite one raises
+        :class:`TrainingDiverged` naming the term and the step it first appeared at."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        if len({names for _, names, _ in pending}) == 1:  # one stage: one read of every step's terms
+            values = torch.stack([v for _, _, v in pending])
+            if bool(torch.isfinite(values).all()):
+                return
+        for label, names, values in pending:
+            finite = torch.isfinite(values).tolist()
+            if not all(finite):
+                k = finite.index(False)
+                where = f" at {label}" if label is not None else ""
+                raise TrainingDiverged(f"loss term {names[k]!r} became {float(values[k])}{where}")
+
+    def cached_teacher(self, images: torch.Tensor, index: torch.Tensor,
+                       device_index: torch.Tensor | None = None) -> methods.Outputs:
+        """The teacher's outputs from the cache (``index``: the rows on the host; ``device_index``: the same on the
+        device): rows not stored yet in this epoch's view are computed (the teacher's forward on those images only)
+        and stored. A complete view that fits is held on the device and gathered there."""
+        with on_host():  # the cache and the rows' indices live on the host: no device value is read here
+            held = self.cache.held(self.cache_view, self.device, _memory_budget(self.device))
+        if held is not None:
+            self.cache.count_hits(len(index))
+            where = index.to(self.device, non_blocking=True) if device_index is None else device_index
+            logits = held[where.long()].float()
+        else:
+            with on_host():
+                logits, known = self.cache.lookup(index, self.cache_view)
+                complete = bool(known.all())
+                if not complete:
+                    missing = (~known).nonzero().flatten()
+                    rows = index.detach().cpu()[missing]
+            if not complete:
+                with torch.inference_mode():
+                    out = self.teacher(images[missing.to(images.device)], frozenset({"logits"}))
+                self.cache.store(rows, self.cache_view, torch.stack(out.members or [out.logits], dim=1))
+                # read back as stored (float16, top-k), so the first epoch trains on what later ones will
+                with on_host():
+                    logits[missing] = self.cache.lookup(rows, self.cache_view, count=False)[0]
+            logits = logits.to(self.device, non_blocking=True)
         members = [logits[:, m] for m in range(logits.shape[1])]
         if len(members) == 1:
             return methods.Outputs(logits=members[0])
@@ -362,21 +430,23 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     workers = cfg.workers if cfg.workers is not None else default_workers(data)
     rank, world = accelerator.process_index, accelerator.num_processes
     train_ds = data.train_dataset(rank, world)
+    resident = resident_split(cfg, data, train_ds, accelerator.device)
+    collate = None
+    if resident is not None:  # batches are made on the device by the collate function: no worker, no pinning
+        train_ds, collate, workers = resident, resident.collate, 0
+        data.follow_epoch(resident)
     if cfg.teacher_cache:
         train_ds = ViewEpochs(train_ds, cache_views(cfg, data))
     streaming = isinstance(train_ds, IterableDataset)
     drop_last = not streaming and data.num_train is not None and data.num_train >= cfg.batch_size * world
-    train_loader = make_loader(data, train_ds, cfg.batch_size, workers, shuffle=not streaming, drop_last=drop_last)
+    train_loader = make_loader(data, train_ds, cfg.batch_size, workers, shuffle=not streaming, drop_last=drop_last,
+                               **({"collate_fn": collate, "pin_memory": False} if collate else {}))
     eval_loader = make_loader(data, data.eval_dataset(), cfg.batch_size * 2, workers)
 
     if cfg.channels_last:
         for m in (student, teacher, method):
             if m is not None:
                 m.to(memory_format=torch.channels_last)
-    if cfg.compile:  # in place (Module.compile): parameter names, checkpoints and resume state stay the same
-        student.compile()
-        if teacher is not None:
-            teacher.compile()
     trained = [student]
     if teacher is not None and online:
         trained.append(teacher.train())
@@ -393,7 +463,9 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
     if len(trained) > (2 if online else 1):
         method = trained[-1]
     if not streaming:  # a streamed split is already divided between processes by the data layer
-        train_loader = accelerator.prepare(train_loader)
+        # batches stay where the loader makes them (pinned host memory, or the device on the resident path): the
+        # loop copies them without blocking and keeps the rows' indices on the host for the teacher cache
+        train_loader = accelerator.prepare_data_loader(train_loader, device_placement=False)
     accelerator.unwrap_model(method).bind(student, teacher)
     if "index" in needs:
         accelerator.unwrap_model(method).attach_data(torch.from_numpy(data.train_labels()))
@@ -403,20 +475,61 @@ def build(cfg: RunConfig, accelerator: Accelerator | None = None) -> Session:
         batches = max(1, -(-(data.num_train or cfg.batch_size) // (cfg.batch_size * world)))
     updates = max(1, -(-batches // cfg.grad_accum))
     scheduler = recipe.make_scheduler(cfg, optimizer, updates)
-    cache = open_cache(cfg, data, teacher_infos, teacher) if cfg.teacher_cache else None
+    cache = open_cache(cfg, data, teacher_infos, teacher) if cfg.teacher_cache else None  # before any folding
+    if teacher is not None and not online and "preact" not in needs:
+        for loaded in teacher_infos:  # frozen, in eval mode for good: its BatchNorms are affine maps
+            loaded.model.fold_batchnorm()
+            if cfg.precision == "bf16":  # a bf16 copy: autocast would cast its frozen weights at every forward
+                loaded.model.to_compute_dtype(torch.bfloat16)
     ema = None
     if cfg.ema:
-        from timm.utils import ModelEmaV3
+        from kdcli.engine.ema import ModelEma
 
-        ema = ModelEmaV3(accelerator.unwrap_model(student), decay=cfg.ema)
-        ema.module.eval()
-    return Session(cfg, accelerator, data, student, teacher, method, optimizer, train_loader, eval_loader,
+        ema = ModelEma(accelerator.unwrap_model(student), decay=cfg.ema)
+    sess = Session(cfg, accelerator, data, student, teacher, method, optimizer, train_loader, eval_loader,
                    student_info, teacher_info, needs, online=online, uses_teacher=mspec.uses_teacher,
                    corruption=corruption, warnings=warnings, teacher_infos=teacher_infos,
                    warmup_epochs=accelerator.unwrap_model(method).warmup_epochs(cfg.epochs),
                    scheduler=scheduler, updates_per_epoch=updates,
                    mixer=recipe.Mixer(cfg, data.num_classes) if cfg.soft_targets else None, ema=ema,
-                   trained=trained, cache=cache)
+                   trained=trained, cache=cache,
+                   plain=accelerator.num_processes == 1 and cfg.grad_accum == 1 and accelerator.scaler is None,
+                   data_path="resident" if resident is not None else "loader")
+    if cfg.compile:  # the modules stay as they are: parameter names, checkpoints and resume state unchanged
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        sess.loss_terms = torch.compile(sess.loss_terms, mode=mode)
+    return sess
+
+
+def _memory_budget(device: torch.device) -> int:
+    from kdcli.data.resident import memory_budget
+
+    return memory_budget(device)
+
+
+def resident_split(cfg: RunConfig, data: DataBundle, train_ds, device: torch.device):
+    """The training split on the resident path (:mod:`kdcli.data.resident`), or None for the loader: ``auto``
+    takes it where it applies and fits the budget, ``resident`` where it applies (else one clear line)."""
+    from kdcli.data import resident as res
+
+    if cfg.data_path == "loader":
+        return None
+    forced = cfg.data_path == "resident"
+    rows = len(train_ds) if not isinstance(train_ds, IterableDataset) else 0
+    padding = max(1, data.image_size // 8) if data.augment in ("cifar", "crop") else 0
+    why = res.why_not(train_ds, data.streaming, data.augment, rows, data.in_chans, data.native_size,
+                      data.image_size, padding, None if forced else res.memory_budget(device))
+    if why is None:
+        try:
+            decoded = res.decode(train_ds, data.in_chans, data.content_fingerprint())
+        except res.MixedShapes as e:
+            why = f"its {e}"
+        else:
+            return res.ResidentDataset(train_ds, decoded, device, data.augment, data.image_size, data.seed)
+    if forced:
+        raise KdcliError(f"--data-path resident cannot hold this training split: {why}; use --data-path loader "
+                         "(or auto)")
+    return None
 
 
 

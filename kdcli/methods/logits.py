@@ -87,8 +87,10 @@ class KD(Method):
 def _split_target(x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """The true class's column (B,) and the other columns (B, C − 1), in class order; with a soft target
     (mixup, label smoothing) the true class is its dominant class (``hard_labels``)."""
-    gt = F.one_hot(hard_labels(target), x.shape[1]).bool()
-    return x[gt], x[~gt].view(x.shape[0], -1)
+    y = hard_labels(target).unsqueeze(1)
+    # gathers, not boolean masks: shapes known ahead, so the step never waits for the device to count them
+    cols = torch.arange(x.shape[1] - 1, device=x.device).expand(x.shape[0], -1)
+    return x.gather(1, y).squeeze(1), x.gather(1, cols + (cols >= y))
 
 
 def _need_three_classes(name: str, student: Shapes | None, term: str) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,7 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(meta.std).view(1, -1, 1, 1), persistent=False)
         index = None if class_index is None else torch.tensor(class_index, dtype=torch.long)
         self.register_buffer("class_index", index, persistent=False)
+        self.compute_dtype: torch.dtype | None = None  # set by to_compute_dtype: the network's own dtype
 
     def _resize(self, x: Tensor) -> Tensor:
         size = self.meta.input_size
@@ -100,6 +101,15 @@ class Classifier(nn.Module):
         if x.shape[1] == 1 and self.meta.in_chans == 3:
             x = x.expand(-1, 3, -1, -1)  # grayscale data into an RGB model
         x = (x - self.mean) / self.std
+        if self.compute_dtype is not None:
+            return self._cast_outputs(self._forward(x.to(self.compute_dtype), needs))
+        return self._forward(x, needs)
+
+    @staticmethod
+    def _cast_outputs(out: Outputs) -> Outputs:
+        return replace(out, logits=out.logits.float())
+
+    def _forward(self, x: Tensor, needs: frozenset[str]) -> Outputs:
         if "features" in needs or "preact" in needs:
             final, feats = self.net.forward_intermediates(x, indices=self.stages, output_fmt="NCHW")
         elif "pooled" in needs:
@@ -114,7 +124,22 @@ class Classifier(nn.Module):
 
     @property
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.net.parameters())
+        """Parameters of the network as loaded (a folded teacher counts its BatchNorms, as its checkpoint does)."""
+        return getattr(self, "_loaded_params", None) or sum(p.numel() for p in self.net.parameters())
+
+    def to_compute_dtype(self, dtype: torch.dtype) -> None:
+        """Hold the (frozen) network in ``dtype``: under autocast its weights are then not cast again at every
+        forward. Inputs are cast to it; logits come out in float32."""
+        self.net.to(dtype)
+        self.compute_dtype = dtype
+
+    def fold_batchnorm(self) -> int:
+        """Fold the network's eval-mode BatchNorms into the convs that feed them (:mod:`kdcli.models.fold`): the
+        same outputs within float rounding, about half the ops of a frozen teacher's forward. Returns how many."""
+        from kdcli.models.fold import fold_batchnorm
+
+        self._loaded_params = self.num_params
+        return fold_batchnorm(self.net.eval(), structural=False)
 
     def num_stages(self) -> int:
         return len(stage_info(self.net))

@@ -82,6 +82,30 @@ def worker_setup(index: int, jobs: int, cpus: int, gpus: list[str]) -> tuple[int
     return max(1, cpus // jobs), (gpus[index % len(gpus)] if len(gpus) > 1 else None)
 
 
+def worker_cores(index: int, jobs: int, cores: list[int]) -> list[int]:
+    """The CPU cores worker ``index`` of ``jobs`` runs on: its own contiguous share of ``cores`` (all of them when
+    there are fewer cores than jobs), so its threads and loader workers never crowd another run's."""
+    share = len(cores) // jobs
+    if share < 1:
+        return list(cores)
+    return list(cores[index * share:(index + 1) * share])
+
+
+def default_jobs(gpus: list[str]) -> int:
+    """Runs at a time by default: one per visible GPU (runs sharing one GPU each ran at about half speed), else 1."""
+    return max(1, len(gpus))
+
+
+def sharing_warning(jobs: int, gpus: list[str]) -> str | None:
+    """A line for the user when ``jobs`` runs would share GPUs."""
+    if len(gpus) and jobs > len(gpus):
+        per = -(-jobs // len(gpus))
+        return (f"--jobs {jobs} puts up to {per} runs on each of {len(gpus)} GPU{'s' * (len(gpus) > 1)}: runs sharing "
+                f"a GPU time-slice it (on an H100 two kdcli runs sharing it kept it busy 0-21 % of the time); "
+                f"--jobs {len(gpus)} runs one per GPU")
+    return None
+
+
 def visible_gpus() -> list[str]:
     import torch
 
@@ -98,6 +122,9 @@ def _init_worker(counter, jobs: int, cpus: int, gpus: list[str]) -> None:
     threads, device = worker_setup(index, jobs, cpus, gpus)
     if device is not None:  # before this process first touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = device
+    if hasattr(os, "sched_setaffinity"):  # the run's loader workers follow its share (usable_cpus reads it)
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, worker_cores(index, jobs, cores))
     import torch
 
     torch.set_num_threads(threads)
