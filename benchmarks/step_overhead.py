@@ -15,6 +15,7 @@ Target for ``kd``: ≤ 1.02 (``--batch 8 --dataset synthetic:8:100:256``).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -67,12 +68,8 @@ def measure(teacher: str, student: str, method: str, batch: int, dataset: str,
     classes, chans = sess.data.num_classes, sess.data.in_chans
     # the plain networks: same architectures; each plain teacher takes the kdcli teacher's weights
     # (a trained checkpoint matters for BSS, which only attacks samples the teacher gets right)
-    t_nets = []
-    for loaded in sess.teacher_infos:
-        t_net = timm.create_model(loaded.model.meta.architecture, num_classes=classes,
-                                  in_chans=loaded.model.meta.in_chans)
-        t_net.load_state_dict(loaded.model.net.state_dict())
-        t_nets.append(t_net.eval())
+    # the plain teachers are copies of kdcli's (its BatchNorms folded: kdcli gets no credit for the fold here)
+    t_nets = [copy.deepcopy(loaded.model.net).eval() for loaded in sess.teacher_infos]
     s_net = timm.create_model(sess.student.meta.architecture, num_classes=classes, in_chans=chans).train()
     opt = torch.optim.SGD(s_net.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
     plain = plain_step_fn(t_nets, s_net, opt, kd=method == "kd" and teachers == 1)
