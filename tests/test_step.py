@@ -161,7 +161,6 @@ def test_compile_traces_the_loss_terms_whole_and_trains(tmp_path, monkeypatch):
 
 def test_the_frozen_teacher_is_folded_and_held_in_bf16_for_a_bf16_run(tmp_path):
     import timm
-
     from accelerate.state import AcceleratorState
 
     fp32 = loop.build(_cfg(tmp_path / "fp32")).teacher_infos[0].model
