@@ -68,6 +68,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(step, args, batch: int, device: torch.device, finish=None) -> tuple[float, str]:
+    """(images per second over ``args.steps`` calls of ``step`` after ``args.warmup``, the GPU's mean utilisation)."""
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    with Utilisation(device) as use:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if finish is not None:
+            finish()
+        sync(device)
+        seconds = time.perf_counter() - t0
+    return args.steps * batch / seconds, use.mean
+
+
 def session(args, path: str, precision: str, batch: int, compile_mode: str | None, out: str):
     from accelerate.state import AcceleratorState
 
@@ -95,17 +111,7 @@ def kdcli_row(args, path, precision, batch, compile_mode, device) -> tuple[float
             sess.train_step(b["image"].to(sess.device, non_blocking=True), b["label"].to(sess.device),
                             b["index"].to(sess.device))
 
-        for _ in range(args.warmup):
-            step()
-        sync(device)
-        with Utilisation(device) as use:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            sess.check_finite()
-            sync(device)
-            seconds = time.perf_counter() - t0
-    return args.steps * batch / seconds, use.mean
+        return timed(step, args, batch, device, finish=sess.check_finite)
 
 
 def hand_row(args, precision, batch, compiled, device) -> tuple[float, str]:
@@ -161,16 +167,7 @@ def hand_row(args, precision, batch, compiled, device) -> tuple[float, str]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    with Utilisation(device) as use:
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync(device)
-        seconds = time.perf_counter() - t0
-    return args.steps * batch / seconds, use.mean
+    return timed(step, args, batch, device)
 
 
 ROWS = {
