@@ -16,7 +16,8 @@ os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
 # the processes they start do not oversubscribe them
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
-    _threads = str(max(1, len(os.sched_getaffinity(0)) // _workers))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _threads = str(max(1, _cores // _workers))
     os.environ.setdefault("OMP_NUM_THREADS", _threads)
     import torch
 

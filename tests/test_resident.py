@@ -119,3 +119,12 @@ def test_a_split_is_decoded_once_and_read_back_from_the_cache(tmp_path, monkeypa
 
     monkeypatch.setattr(resident, "_decode_all", no_decoding)
     assert loop.build(_cfg(tmp_path / "b")).data_path == "resident"
+
+
+def test_an_unreadable_cache_file_is_decoded_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDCLI_CACHE_DIR", str(tmp_path / "cache"))
+    loop.build(_cfg(tmp_path / "a"))
+    (stored,) = (tmp_path / "cache").rglob("*.safetensors")
+    stored.write_bytes(b"not a safetensors file")
+    assert loop.build(_cfg(tmp_path / "b")).data_path == "resident"
+    assert stored.stat().st_size > 100  # rewritten

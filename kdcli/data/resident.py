@@ -100,8 +100,8 @@ def decode(dataset, in_chans: int, fingerprint: str | None = None, progress: boo
             stored = load_file(str(path))
             names = json.loads(Path(str(path) + ".json").read_text())
             return Decoded(stored["images"], stored["bad"].numpy().astype(bool), {int(k): v for k, v in names.items()})
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable: decoded again and rewritten
+        except Exception:  # unreadable (safetensors' own error included): decoded again and rewritten
+            pass
     decoded = _decode_all(dataset, in_chans, progress)
     if path is not None:
         from kdcli.models import checkpoint as ckpt
